@@ -1,0 +1,133 @@
+"""Time the U2PL method work of one training step alone (U2PL_SPEC.md section 10).
+
+Measured: entropy + one sort for the three percentiles (drop / low / high), reliable pseudo-labels, the
+unsupervised loss at crop size, feature-level labels/masks, the contrastive loss with its masks, the queue push
+(through the distributed call path; world size 1 here) and sampling, and the backward of unsup + contrastive.
+Not measured: model forwards, the upsampling of logits, the supervised loss.
+
+Inputs are fixed random tensors at the published shapes, features channels-last (as the engine runs), queues
+pre-filled to capacity. Usage:
+    python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
+                                         [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Large fresh CPU allocations page-fault on every step; transparent huge pages make that several times cheaper.
+# Read once by torch at its first allocation; run with THP_MEM_ALLOC_ENABLE=0 to measure without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from u2pl_scale.method import (
+    ClassQueues,
+    alpha_t,
+    contrastive_inputs,
+    contrastive_loss,
+    drop_percent,
+    reliability,
+    unsup_loss_from_reliable,
+)
+
+SHAPES = {
+    # name: (labeled, unlabeled, crop, feature size, classes, capacities)
+    "voc": (2, 2, 513, 129, 21, [50000] + [30000] * 20),
+    "cityscapes": (2, 2, 769, 193, 19, [30000] * 19),
+}
+
+
+def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed: int = 0):
+    num_l, num_u, crop, feat, num_classes, capacities = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    dim = 256
+    teacher_logits_u = (3 * torch.randn(num_u, num_classes, crop, crop, generator=gen)).to(device)
+    student_logits_u = torch.randn(num_u, num_classes, crop, crop, generator=gen).to(device).requires_grad_()
+    pseudo_u = teacher_logits_u.argmax(1)  # stands in for the first (eval-mode) teacher forward
+    labels_l = torch.randint(0, num_classes, (num_l, crop, crop), generator=gen)
+    labels_l[:, :20] = 255
+    labels_l = labels_l.to(device)
+    rep = torch.randn(num_l + num_u, dim, feat, feat, generator=gen).to(device)
+    rep = rep.contiguous(memory_format=torch.channels_last).requires_grad_()
+    rep_teacher = torch.randn(num_l + num_u, dim, feat, feat, generator=gen).to(device)
+    rep_teacher = rep_teacher.contiguous(memory_format=torch.channels_last)
+    prob_teacher = torch.softmax(3 * torch.randn(num_l + num_u, num_classes, feat, feat, generator=gen), 1).to(device)
+    queues = ClassQueues(num_classes, dim, capacities, device=device, dtype=queue_dtype)
+    queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
+    queues.fill.copy_(queues.capacities)
+    queues.write_ptr.copy_(torch.randint(0, 1000, (num_classes,), generator=gen))
+    return dict(teacher_logits_u=teacher_logits_u, student_logits_u=student_logits_u, pseudo_u=pseudo_u,
+                labels_l=labels_l, rep=rep, rep_teacher=rep_teacher, prob_teacher=prob_teacher, queues=queues,
+                num_labeled=num_l, feature_size=(feat, feat))
+
+
+def method_step(inputs: dict, progress: float = 0.1, generator=None) -> dict:
+    rel = reliability(inputs["teacher_logits_u"], inputs["pseudo_u"], drop_percent(progress), alpha_t(progress))
+    unsup = unsup_loss_from_reliable(inputs["student_logits_u"], rel.reliable_labels, rel.kept_count)
+    labels, low, high = contrastive_inputs(inputs["labels_l"], inputs["pseudo_u"], rel.low_mask, rel.high_mask,
+                                           inputs["feature_size"])
+    contra = contrastive_loss(inputs["rep"], inputs["rep_teacher"], inputs["prob_teacher"], labels, low, high,
+                              inputs["num_labeled"], inputs["queues"], generator=generator)
+    (unsup + contra.loss).backward()
+    return {"unsup": unsup, "contra": contra.loss, "ratio": rel.reliable_ratio}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="voc")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--queue-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype))
+    generator = torch.Generator(device=device).manual_seed(1)
+    times, cpu_times = [], []
+    for step in range(args.warmup + args.steps):
+        inputs["student_logits_u"].grad = None
+        inputs["rep"].grad = None
+        sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        method_step(inputs, generator=generator)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            method_step(inputs, generator=generator)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    times.sort()
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; process CPU s/step (all threads, "
+          f"useful when the machine is shared): median {statistics.median(cpu_times):.3f}")
+    print("| shape | device | queue dtype | steps | median s | min s | max s | p90 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {args.shape} | {device.type} ({threads}) | {args.queue_dtype} | {len(times)} | "
+          f"{statistics.median(times):.3f} | {times[0]:.3f} | {times[-1]:.3f} | {p90:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

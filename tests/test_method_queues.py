@@ -1,0 +1,153 @@
+"""ClassQueues against a slow reference (one Python deque per class), locally and on 2 gloo ranks
+(U2PL_SPEC.md section 6: FIFO queues, push before sampling, identical queues on every rank)."""
+
+import os
+import socket
+from collections import deque
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from u2pl_scale.method.queues import ClassQueues
+
+
+def reference_push(deques, features, class_mask):
+    """Published dequeue_and_enqueue: per class, append pixel features in pixel order, keep the newest."""
+    for i in range(features.shape[0]):
+        for c in range(class_mask.shape[1]):
+            if class_mask[i, c]:
+                deques[c].append(tuple(features[i].tolist()))
+
+
+def assert_same_multisets(queues, deques):
+    for c, ref in enumerate(deques):
+        got = sorted(tuple(row) for row in queues.class_features(c).tolist())
+        assert got == sorted(ref), f"class {c}"
+        assert int(queues.fill[c]) == len(ref)
+
+
+def unique_features(num, dim, start):
+    """Rows that identify themselves: row k is (start + k, start + k + 0.5, ...)."""
+    ids = torch.arange(start, start + num, dtype=torch.float32)[:, None]
+    return ids + 0.5 * torch.arange(dim, dtype=torch.float32)[None, :]
+
+
+@pytest.mark.parametrize("compaction", ["exact", "static"])
+def test_random_pushes_match_deque_reference_with_wraparound(compaction):
+    gen = torch.Generator().manual_seed(0)
+    capacities = [5, 3, 8, 1]
+    queues = ClassQueues(4, 3, capacities)
+    queues.compaction = compaction
+    deques = [deque(maxlen=c) for c in capacities]
+    start = 0
+    for step in range(12):
+        num = int(torch.randint(0, 9, (), generator=gen))
+        features = unique_features(num, 3, start)
+        start += num
+        class_mask = torch.rand(num, 4, generator=gen) < 0.45  # several classes per pixel
+        queues.push(features, class_mask)
+        reference_push(deques, features, class_mask)
+        assert_same_multisets(queues, deques)
+    assert int(queues.dropped_pairs) == 0
+
+
+def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer():
+    queues = ClassQueues(2, 2, [3, 4])
+    features = unique_features(7, 2, 0)
+    mask = torch.zeros(7, 2, dtype=torch.bool)
+    mask[:, 0] = True  # 7 keys into a queue of 3
+    mask[[1, 4], 1] = True
+    queues.push(features, mask)
+    assert sorted(queues.class_features(0)[:, 0].tolist()) == [4.0, 5.0, 6.0]
+    assert sorted(queues.class_features(1)[:, 0].tolist()) == [1.0, 4.0]
+    assert queues.write_ptr.tolist() == [0, 2] and queues.fill.tolist() == [3, 2]
+    # the next push overwrites the oldest first
+    queues.push(unique_features(1, 2, 100), torch.tensor([[True, False]]))
+    assert sorted(queues.class_features(0)[:, 0].tolist()) == [5.0, 6.0, 100.0]
+
+
+def test_hand_ring_positions():
+    queues = ClassQueues(1, 1, [4])
+    queues.push(torch.tensor([[1.0], [2.0], [3.0]]), torch.ones(3, 1, dtype=torch.bool))
+    queues.push(torch.tensor([[4.0], [5.0]]), torch.ones(2, 1, dtype=torch.bool))
+    # ring [5, 2, 3, 4]; pointer at 1; scratch row untouched
+    assert queues.buffer[:4, 0].tolist() == [5.0, 2.0, 3.0, 4.0]
+    assert queues.write_ptr.tolist() == [1] and queues.buffer[4, 0].item() == 0.0
+
+
+def test_sample_is_uniform_over_filled_part_and_flags_empty_queues():
+    queues = ClassQueues(3, 1, [10, 6, 4])
+    queues.push(torch.arange(4.0)[:, None], torch.tensor([[1, 0, 0]] * 4, dtype=torch.bool))
+    queues.push(torch.arange(10.0, 16.0)[:, None], torch.tensor([[0, 1, 0]] * 6, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(0)
+    features, valid = queues.sample(4000, generator=gen)
+    assert valid.tolist() == [True, True, False]
+    counts0 = torch.bincount(features[0, :, 0].long(), minlength=4)
+    assert counts0.numel() == 4 and (counts0 > 850).all()  # only the 4 filled slots, about 1000 each
+    assert set(features[1, :, 0].long().tolist()) == set(range(10, 16))
+    index, valid_one = queues.sample_indices(5, classes=torch.tensor([2]), generator=gen)
+    assert index.tolist() == [[16] * 5] and valid_one.tolist() == [False]
+
+
+def test_state_dict_round_trip_and_mismatch_error():
+    queues = ClassQueues(2, 2, [3, 2])
+    queues.push(unique_features(4, 2, 0), torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=torch.bool))
+    restored = ClassQueues(2, 2, [3, 2])
+    restored.load_state_dict({k: v.clone() for k, v in queues.state_dict().items()})
+    for key, value in queues.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value)
+    with pytest.raises(ValueError, match="capacities"):
+        ClassQueues(2, 2, [3, 3]).load_state_dict(queues.state_dict())
+
+
+# ---------------------------------------------------------------- two gloo ranks
+CAPACITIES = [6, 4, 5]
+ROWS = 8
+DIM = 3
+STEPS = 3
+
+
+def rank_inputs(rank, step):
+    """Rank 0 sends nothing at step 0; rank 1 sends more than every capacity at step 1; random otherwise."""
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    features = unique_features(ROWS, DIM, 1000 * step + 100 * rank)
+    mask = torch.rand(ROWS, len(CAPACITIES), generator=gen) < 0.5
+    if rank == 0 and step == 0:
+        mask[:] = False
+    if rank == 1 and step == 1:
+        mask[:] = True
+    return features, mask
+
+
+def _worker(rank, world_size, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        queues = ClassQueues(len(CAPACITIES), DIM, CAPACITIES)
+        for step in range(STEPS):
+            features, mask = rank_inputs(rank, step)
+            queues.push_distributed(features, mask)
+        torch.save(queues.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_ranks_hold_identical_queues_equal_to_rank_ordered_reference(tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    deques = [deque(maxlen=c) for c in CAPACITIES]
+    for step in range(STEPS):
+        for rank in range(2):
+            reference_push(deques, *rank_inputs(rank, step))
+    queues = ClassQueues(len(CAPACITIES), DIM, CAPACITIES)
+    queues.load_state_dict(states[0])
+    assert_same_multisets(queues, deques)

@@ -1,0 +1,72 @@
+"""The EMA teacher (U2PL_SPEC.md section 2).
+
+At the first semi-supervised step the teacher gets the student's parameters and buffers (`copy_`). After each
+optimiser step `update_` sets teacher = decay * teacher + (1 - decay) * student over PARAMETERS only, with
+decay = min(1 - 1/(k + 1), ema_decay) and k the number of updates since the copy (0, 1/2, 2/3, ... capped at
+0.99). Buffers (BN running statistics) are not averaged: the teacher's come from its own train-mode forwards, as in
+the published code. Pass the unwrapped modules (not DDP wrappers) so both sides list the same parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decay_at(steps_since_copy: int, ema_decay: float = 0.99) -> float:
+    """decay = min(1 - 1/(k + 1), ema_decay) for k = steps_since_copy (0 at the first semi-supervised step)."""
+    return min(1.0 - 1.0 / (steps_since_copy + 1), ema_decay)
+
+
+def _paired(teacher_tensors, student_tensors, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    teacher_list, student_list = list(teacher_tensors), list(student_tensors)
+    if len(teacher_list) != len(student_list):
+        raise ValueError(f"EMA teacher and student differ in {what}: {len(teacher_list)} vs {len(student_list)}")
+    return teacher_list, student_list
+
+
+@torch.no_grad()
+def copy_(teacher: nn.Module, student: nn.Module) -> None:
+    """teacher <- student for parameters and buffers (first semi-supervised step)."""
+    teacher_params, student_params = _paired(teacher.parameters(), student.parameters(), "parameters")
+    teacher_buffers, student_buffers = _paired(teacher.buffers(), student.buffers(), "buffers")
+    if teacher_params:
+        torch._foreach_copy_(teacher_params, student_params)
+    if teacher_buffers:
+        torch._foreach_copy_(teacher_buffers, student_buffers)
+
+
+@torch.no_grad()
+def update_(teacher: nn.Module, student: nn.Module, steps_since_copy: int, ema_decay: float = 0.99) -> float:
+    """One EMA step over parameters (one fused foreach lerp); returns the decay used."""
+    decay = decay_at(steps_since_copy, ema_decay)
+    teacher_params, student_params = _paired(teacher.parameters(), student.parameters(), "parameters")
+    if teacher_params:
+        # lerp: t + (1 - decay) * (s - t) == decay * t + (1 - decay) * s
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
+    return decay
+
+
+class EMATeacher:
+    """Small stateful wrapper: counts updates since the copy so callers cannot get k wrong."""
+
+    def __init__(self, teacher: nn.Module, ema_decay: float = 0.99):
+        self.teacher = teacher
+        self.ema_decay = ema_decay
+        self.steps_since_copy = 0
+
+    def copy_from(self, student: nn.Module) -> None:
+        copy_(self.teacher, student)
+        self.steps_since_copy = 0
+
+    def update(self, student: nn.Module) -> float:
+        decay = update_(self.teacher, student, self.steps_since_copy, self.ema_decay)
+        self.steps_since_copy += 1
+        return decay
+
+    def state_dict(self) -> dict:
+        return {"steps_since_copy": self.steps_since_copy, "ema_decay": self.ema_decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_since_copy = int(state["steps_since_copy"])
+        self.ema_decay = float(state.get("ema_decay", self.ema_decay))

@@ -1,0 +1,182 @@
+"""Per-class FIFO queues of negative features, shared by all ranks (U2PL_SPEC.md section 6).
+
+One flat buffer [sum(capacities) + 1, dim] holds every class's ring region (offset_c .. offset_c + capacity_c);
+the extra last row is a scratch row that absorbs padded writes. Per-class write pointer and fill count are device
+tensors. Semantics equal the published dequeue_and_enqueue (`queue = cat(queue, keys)[-capacity:]`): after a push
+class c holds, as a multiset, the newest min(total pushed, capacity_c) keys.
+
+A push is vectorised over classes: each (pixel, class) pair gets its rank within its class by a cumsum, only the
+newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and written with one
+index_copy_. The kept pairs are compacted with `torch.nonzero_static` to a size fixed by the shapes
+(min(pixels x classes, sum(capacities), max_pairs)), so accelerators never sync. On a CPU device there is no
+host/device boundary to protect, and the padded write of up to sum(capacities) rows would dominate the step, so
+the CPU path compacts to the exact pair count (`torch.nonzero`); both paths write identical queues.
+
+`push_distributed` does ONE fixed-size all_gather per step for all classes: every rank sends its P feature rows
+with the class mask packed as extra columns (P is the same on every rank: the per-rank batch shape); the
+gathered rows are pushed in rank order, so every rank ends with identical queues.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+
+class ClassQueues:
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        capacities: Union[int, Sequence[int]],
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if isinstance(capacities, int):
+            capacities = [capacities] * num_classes
+        capacities = [int(c) for c in capacities]
+        if len(capacities) != num_classes or min(capacities) < 1:
+            raise ValueError(f"ClassQueues needs {num_classes} positive capacities, got {capacities}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.dtype = dtype
+        self.capacity_list = capacities
+        self.total_capacity = sum(capacities)
+        self.scratch_row = self.total_capacity
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.capacities = torch.tensor(capacities, dtype=torch.long, device=device)
+        self.offsets = torch.cumsum(self.capacities, 0) - self.capacities
+        self.buffer = torch.zeros(self.total_capacity + 1, dim, dtype=dtype, device=device)
+        self.write_ptr = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.fill = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.dropped_pairs = torch.zeros((), dtype=torch.long, device=device)  # only with a small max_pairs
+        # "exact" (nonzero; fine where host and device are the same) or "static" (nonzero_static, no sync)
+        self.compaction = "exact" if device.type == "cpu" else "static"
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    # ------------------------------------------------------------------ push
+    @torch.no_grad()
+    def push(self, features: torch.Tensor, class_mask: torch.Tensor, max_pairs: Optional[int] = None) -> None:
+        """Push pixel i's feature into every class c with class_mask[i, c], pixels in order of i.
+
+        features [N, dim], class_mask [N, C] bool. `max_pairs` optionally tightens the static compaction size
+        on accelerators (pairs beyond it are dropped and counted in `dropped_pairs`).
+        """
+        num_rows = features.shape[0]
+        if class_mask.shape != (num_rows, self.num_classes):
+            raise ValueError(f"class_mask must be [{num_rows}, {self.num_classes}], got {tuple(class_mask.shape)}")
+        if num_rows == 0:
+            return
+        mask_cn = class_mask.t().to(torch.bool)  # [C, N]: pairs in class-major order
+        rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
+        pushed = rank_in_class[:, -1].long()  # pairs per class this push
+        overflow = (pushed - self.capacities).clamp(min=0)  # oldest pairs that cannot survive
+        keep = mask_cn & (rank_in_class > overflow[:, None].to(torch.int32))
+
+        flat_keep = keep.reshape(-1)
+        if self.compaction == "exact":
+            pair = torch.nonzero(flat_keep)[:, 0]  # exact size: no device to sync with on CPU
+            padding = None
+        else:
+            static_size = min(num_rows * self.num_classes, self.total_capacity)
+            if max_pairs is not None:
+                static_size = min(static_size, int(max_pairs))
+            pair = torch.nonzero_static(flat_keep, size=static_size, fill_value=-1)[:, 0]
+            padding = pair < 0
+            self.dropped_pairs += (flat_keep.sum() - static_size).clamp(min=0)
+            pair = pair.clamp(min=0)
+
+        cls = torch.div(pair, num_rows, rounding_mode="floor")
+        row = pair - cls * num_rows
+        position = rank_in_class.reshape(-1)[pair].long() - 1 - overflow[cls]  # 0 .. kept_c - 1
+        slot = self.offsets[cls] + torch.remainder(self.write_ptr[cls] + position, self.capacities[cls])
+        if padding is not None:
+            slot = torch.where(padding, torch.full_like(slot, self.scratch_row), slot)
+            row = torch.where(padding, torch.zeros_like(row), row)
+        self.buffer.index_copy_(0, slot, features.index_select(0, row).to(self.dtype))
+
+        kept = pushed - overflow
+        self.write_ptr.copy_(torch.remainder(self.write_ptr + kept, self.capacities))
+        self.fill.copy_(torch.minimum(self.fill + pushed, self.capacities))
+
+    @torch.no_grad()
+    def push_distributed(
+        self, features: torch.Tensor, class_mask: torch.Tensor, group=None, max_pairs: Optional[int] = None
+    ) -> None:
+        """Gather every rank's (features, class_mask) with one all_gather, then push them in rank order.
+
+        Every rank must pass the same number of rows P (pad with all-false masks if needed). Without an
+        initialised process group, or with world size 1, this is `push`.
+        """
+        world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        if world_size == 1:
+            self.push(features, class_mask, max_pairs=max_pairs)
+            return
+        wire_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
+        packed = torch.cat([features.to(wire_dtype), class_mask.to(wire_dtype)], dim=1).contiguous()
+        gathered = [torch.empty_like(packed) for _ in range(world_size)]
+        dist.all_gather(gathered, packed, group=group)
+        everything = torch.cat(gathered, dim=0)
+        self.push(everything[:, : self.dim], everything[:, self.dim :] > 0.5, max_pairs=max_pairs)
+
+    # ---------------------------------------------------------------- sample
+    def sample_indices(
+        self,
+        num: int,
+        classes: Optional[Union[int, torch.Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform indices (with replacement) into `buffer` from each class's filled part.
+
+        classes: None (all), an int, or a 1-D long tensor. Returns (index [K, num] long, valid [K] bool); rows of
+        empty queues point at their region's first slot and are flagged invalid.
+        """
+        if classes is None:
+            classes = torch.arange(self.num_classes, device=self.device)
+        classes = torch.as_tensor(classes, dtype=torch.long, device=self.device).reshape(-1)
+        fill = self.fill[classes]
+        uniform = torch.rand(classes.numel(), num, generator=generator, device=self.device, dtype=torch.float64)
+        position = (uniform * fill[:, None]).floor().long()
+        position = torch.minimum(position, (fill - 1).clamp(min=0)[:, None])
+        return self.offsets[classes][:, None] + position, fill > 0
+
+    def sample(
+        self,
+        num: int,
+        classes: Optional[Union[int, torch.Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [K, num, dim] sampled with replacement per class, and valid [K] (False for empty queues)."""
+        index, valid = self.sample_indices(num, classes, generator)
+        return self.buffer.index_select(0, index.reshape(-1)).reshape(*index.shape, self.dim), valid
+
+    def class_features(self, cls: int) -> torch.Tensor:
+        """The filled rows of one class (host-side helper for tests and inspection; syncs)."""
+        offset = int(self.offsets[cls])
+        return self.buffer[offset : offset + int(self.fill[cls])]
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "buffer": self.buffer,
+            "write_ptr": self.write_ptr,
+            "fill": self.fill,
+            "capacities": self.capacities,
+            "dropped_pairs": self.dropped_pairs,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacities"].tolist() != self.capacity_list or state["buffer"].shape != self.buffer.shape:
+            raise ValueError(
+                f"queue checkpoint has capacities {state['capacities'].tolist()} and buffer "
+                f"{tuple(state['buffer'].shape)}; this run has {self.capacity_list} and {tuple(self.buffer.shape)}"
+            )
+        self.buffer.copy_(state["buffer"])
+        self.write_ptr.copy_(state["write_ptr"])
+        self.fill.copy_(state["fill"])
+        self.dropped_pairs.copy_(state.get("dropped_pairs", torch.zeros(())))
