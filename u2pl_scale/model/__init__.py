@@ -1,0 +1,1 @@
+from .deeplab import DeepLabV3Plus, build_model, convert_sync_bn

@@ -1,0 +1,130 @@
+"""DeepLabv3+ with the U2PL representation head on any timm backbone (U2PL_SPEC.md §1).
+
+The backbone is `timm.create_model(name, features_only=True, output_stride=...)`; the head takes the stride-4
+feature (low level), the last feature (ASPP) and, for the optional auxiliary head, the one before the last.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    pad = 0 if kernel == 1 else dilation
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Image pooling + 1x1 + three dilated 3x3 branches, concatenated and fused (spec §1)."""
+
+    def __init__(self, cin: int, channels: int, dilations: list[int], dropout: float):
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, channels, 1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList([conv_bn_relu(cin, channels, 1)] +
+                                      [conv_bn_relu(cin, channels, 3, d) for d in dilations])
+        self.fuse = nn.Sequential(conv_bn_relu(channels * (2 + len(dilations)), channels, 3), nn.Dropout2d(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pooled = F.interpolate(self.pool(x), size=(h, w), mode="bilinear", align_corners=True)
+        return self.fuse(torch.cat([pooled] + [b(x) for b in self.branches], dim=1))
+
+
+def _head(cin: int, channels: int, cout: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(cin, channels, 3), nn.Dropout2d(dropout),
+                         conv_bn_relu(channels, channels, 3), nn.Dropout2d(dropout),
+                         nn.Conv2d(channels, cout, 1))
+
+
+def _load_local_weights(backbone: nn.Module, path: str) -> None:
+    """Load backbone weights from a local .pth/.pt/.safetensors file without unpickling arbitrary objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.pretrained_path: weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    own = backbone.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(f"model.pretrained_path: no tensor in {p} matches the backbone's parameters")
+    backbone.load_state_dict(matched, strict=False)
+
+
+class DeepLabV3Plus(nn.Module):
+    """Student/teacher network: returns {"pred": logits at stride 4, "rep": features at stride 4, "aux"?}."""
+
+    def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "",
+                 output_stride: int = 8, aspp_dilations=(12, 24, 36), head_channels: int = 256,
+                 low_level_channels: int = 256, rep_dim: int = 256, dropout: float = 0.1, aux_head: bool = False):
+        super().__init__()
+        use_hub = pretrained and not pretrained_path
+        self.backbone = timm.create_model(backbone, features_only=True, output_stride=output_stride,
+                                          pretrained=use_hub)
+        if pretrained and pretrained_path:
+            _load_local_weights(self.backbone, pretrained_path)
+        reductions = self.backbone.feature_info.reduction()
+        channels = self.backbone.feature_info.channels()
+        if 4 not in reductions:
+            raise ValueError(f"backbone {backbone!r} has no stride-4 feature (reductions {reductions})")
+        self.low_index = reductions.index(4)
+        self.high_index = len(channels) - 1
+        self.aux_index = len(channels) - 2
+        self.aspp = ASPP(channels[self.high_index], head_channels, list(aspp_dilations), dropout)
+        self.low_level = conv_bn_relu(channels[self.low_index], low_level_channels, 1)
+        fused = head_channels + low_level_channels
+        self.classifier = _head(fused, head_channels, num_classes, dropout)
+        self.representation = _head(fused, head_channels, rep_dim, dropout)
+        self.aux = None
+        if aux_head:
+            self.aux = nn.Sequential(conv_bn_relu(channels[self.aux_index], head_channels, 3), nn.Dropout2d(dropout),
+                                     nn.Conv2d(head_channels, num_classes, 1))
+
+    def head_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def backbone_parameters(self):
+        return list(self.backbone.parameters())
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feats = self.backbone(x)
+        low = self.low_level(feats[self.low_index])
+        high = self.aspp(feats[self.high_index])
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True)
+        fused = torch.cat([high, low], dim=1)
+        out = {"pred": self.classifier(fused), "rep": self.representation(fused)}
+        if self.aux is not None:
+            out["aux"] = self.aux(feats[self.aux_index])
+        return out
+
+
+def build_model(model_cfg, num_classes: int) -> DeepLabV3Plus:
+    return DeepLabV3Plus(
+        backbone=model_cfg.backbone, num_classes=num_classes, pretrained=model_cfg.pretrained,
+        pretrained_path=model_cfg.pretrained_path, output_stride=model_cfg.output_stride,
+        aspp_dilations=model_cfg.aspp_dilations, head_channels=model_cfg.head_channels,
+        low_level_channels=model_cfg.low_level_channels, rep_dim=model_cfg.rep_dim, dropout=model_cfg.dropout,
+        aux_head=model_cfg.aux_head)
+
+
+def convert_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
+    """SyncBatchNorm across ranks (the published runs), only when a process group of >1 ranks exists."""
+    import torch.distributed as dist
+    if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
