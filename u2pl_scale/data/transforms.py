@@ -1,0 +1,73 @@
+"""Weak augmentation (U2PL_SPEC.md §7) on the host and normalisation on the device.
+
+`weak_augment` runs inside DataLoader workers on uint8 NumPy arrays: random rescale (image bilinear, mask
+nearest), pad to the crop at the bottom/right with the mean colour (image), ignore_index (mask) and valid=False,
+random crop, horizontal flip. It draws from a NumPy Generator passed in, so a seed fixes the result.
+Images stay uint8 until `normalize` runs on the device: 4x less host memory and transfer than float.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class AugmentedSample(NamedTuple):
+    image: np.ndarray  # uint8 [crop, crop, 3]
+    mask: Optional[np.ndarray]  # uint8 [crop, crop]; ignore_index in padding; None for unlabeled samples
+    valid: np.ndarray  # bool [crop, crop]; False where padding
+
+
+def fill_colour(mean: Sequence[float]) -> np.ndarray:
+    """The padding colour: the dataset mean on 0..255 pixels, so padding normalises to about zero."""
+    return np.clip(np.rint(np.asarray(mean, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+
+def weak_augment(image: np.ndarray, mask: Optional[np.ndarray], rng: np.random.Generator, crop_size: int,
+                 scale_range: Sequence[float] = (0.5, 2.0), flip_prob: float = 0.5,
+                 mean: Sequence[float] = (123.675, 116.28, 103.53), ignore_index: int = 255) -> AugmentedSample:
+    """Rescale by a factor uniform in scale_range, pad to crop_size, random crop, random horizontal flip.
+
+    image: uint8 [H, W, 3]; mask: uint8 [H, W] or None. Padding goes to the bottom and right (as the published
+    code); the crop window is drawn over the padded extent, so only the visible part is ever copied.
+    """
+    height, width = image.shape[:2]
+    scale = rng.uniform(scale_range[0], scale_range[1])
+    new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    if (new_h, new_w) != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        if mask is not None:
+            mask = np.asarray(Image.fromarray(mask).resize((new_w, new_h), Image.NEAREST))
+
+    top = int(rng.integers(0, max(new_h - crop_size, 0) + 1))
+    left = int(rng.integers(0, max(new_w - crop_size, 0) + 1))
+    flip = bool(rng.random() < flip_prob)
+    visible_h, visible_w = min(crop_size, new_h - top), min(crop_size, new_w - left)
+
+    out_image = np.empty((crop_size, crop_size, 3), dtype=np.uint8)
+    out_image[...] = fill_colour(mean)
+    out_image[:visible_h, :visible_w] = image[top:top + visible_h, left:left + visible_w]
+    valid = np.zeros((crop_size, crop_size), dtype=bool)
+    valid[:visible_h, :visible_w] = True
+    out_mask = None
+    if mask is not None:
+        out_mask = np.full((crop_size, crop_size), ignore_index, dtype=np.uint8)
+        out_mask[:visible_h, :visible_w] = mask[top:top + visible_h, left:left + visible_w]
+
+    if flip:  # contiguous copies so torch.from_numpy can take them
+        out_image, valid = np.ascontiguousarray(out_image[:, ::-1]), np.ascontiguousarray(valid[:, ::-1])
+        out_mask = np.ascontiguousarray(out_mask[:, ::-1]) if out_mask is not None else None
+    return AugmentedSample(out_image, out_mask, valid)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] (on any device) -> float32 (x - mean) / std, mean/std given on 0..255 pixels."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)  # convert while still 1 byte per value
+    out = images.to(torch.float32)  # keeps the memory format
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return out.sub_(mean_t).div_(std_t)
