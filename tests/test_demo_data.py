@@ -1,0 +1,119 @@
+"""Demo dataset: split sizes, manifests, determinism, histograms counted from the decoded masks, CLI."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from u2pl_scale.data.demo import CLASS_NAMES, build_demo, demo_manifest_paths, generate_sample
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _read_set(set_dir: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes} over every shard of a set, read with tarfile only."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(set_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, extension = member.name.split(".", 1)
+                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
+
+
+@pytest.fixture(scope="module")
+def default_demo(tmp_path_factory) -> tuple[Path, dict]:
+    """The default split sizes; 32 px instead of the default 96 keeps the test fast."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, build_demo(out, size=32, workers=2, progress=False)
+
+
+def test_default_demo_counts_and_manifests(default_demo):
+    out, manifests = default_demo
+    expected = {"labeled": (64, True), "unlabeled": (960, False), "val": (128, True), "full_labeled": (1024, True)}
+    for name, (count, has_masks) in expected.items():
+        manifest = json.loads(demo_manifest_paths(out)[name].read_text())
+        assert manifest == manifests[name]
+        assert manifest["num_samples"] == count == sum(s["num_samples"] for s in manifest["shards"])
+        assert manifest["has_masks"] is has_masks
+        assert manifest["num_classes"] == 6 and manifest["class_names"] == CLASS_NAMES
+        assert manifest["image_size_range"] == {"min": [32, 32], "max": [32, 32]}
+        assert manifest["split"] == ("labeled" if name == "full_labeled" else name)
+
+
+def test_unlabeled_has_no_masks_and_labeled_sets_split_the_train_images(default_demo):
+    out, _ = default_demo
+    unlabeled = _read_set(out / "unlabeled")
+    assert all(set(members) == {"png"} for members in unlabeled.values())
+    labeled, full = _read_set(out / "labeled"), _read_set(out / "full_labeled")
+    assert set(labeled).isdisjoint(unlabeled) and set(labeled) | set(unlabeled) == set(full)
+    key = sorted(unlabeled)[0]
+    assert unlabeled[key]["png"] == full[key]["png"]
+
+
+def test_histogram_matches_decoded_masks_and_every_class_occurs(default_demo):
+    out, manifests = default_demo
+    for name in ("labeled", "val", "full_labeled"):
+        counts = np.zeros(6, dtype=np.int64)
+        for key, members in _read_set(out / name).items():
+            mask = np.array(Image.open(io.BytesIO(members["seg.png"])))
+            image = np.array(Image.open(io.BytesIO(members["png"])))
+            assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+            values = set(np.unique(mask).tolist())
+            assert values <= set(range(6)) | {255}
+            for class_id in range(6):
+                counts[class_id] += int(np.count_nonzero(mask == class_id))
+        assert manifests[name]["class_pixel_histogram"] == counts.tolist()
+        assert (counts > 0).all()
+
+
+def test_build_is_deterministic_and_seed_dependent(tmp_path):
+    options = dict(num_train=64, num_val=8, labeled_fraction=0.25, samples_per_shard=16, progress=False)
+    first = build_demo(tmp_path / "a", seed=3, **options)
+    second = build_demo(tmp_path / "b", seed=3, workers=2, **options)
+    other_seed = build_demo(tmp_path / "c", seed=4, **options)
+    for name in first:
+        assert first[name]["shards"] == second[name]["shards"]
+        assert first[name]["shards"] != other_seed[name]["shards"]
+    assert first["labeled"]["num_samples"] == 16 and first["unlabeled"]["num_samples"] == 48
+
+
+def test_objects_differ_by_shape_not_colour():
+    """Pixel colours of one class vary widely between objects: colour alone cannot name the class."""
+    mean_colours = {class_id: [] for class_id in range(1, 6)}
+    for index in range(60):
+        image, mask = generate_sample(0, 0, index)
+        for class_id in mean_colours:
+            if (mask == class_id).sum() > 30:
+                mean_colours[class_id].append(image[mask == class_id].mean(axis=0))
+    for class_id, colours in mean_colours.items():
+        assert len(colours) >= 5, CLASS_NAMES[class_id]
+        assert np.std(colours, axis=0).mean() > 30, CLASS_NAMES[class_id]
+
+
+def test_generate_sample_sizes():
+    image, mask = generate_sample(1, 0, 5)
+    assert image.shape == (96, 96, 3) and image.dtype == np.uint8 and mask.shape == (96, 96)
+    image, mask = generate_sample(1, 0, 5, size=48)
+    assert image.shape == (48, 48, 3) and mask.shape == (48, 48)
+
+
+def test_cli_builds_from_repo_root(tmp_path):
+    result = subprocess.run([sys.executable, "shards/build.py", "demo", "--out", str(tmp_path / "cli"),
+                             "--num-train", "32", "--num-val", "4", "--labeled-fraction", "0.25", "--size", "32"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "cli" / "labeled" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 8 and manifest["image_size_range"]["max"] == [32, 32]
+
+
+def test_bad_labeled_fraction_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="labeled_fraction"):
+        build_demo(tmp_path, num_train=10, labeled_fraction=0.01, progress=False)

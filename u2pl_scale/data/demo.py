@@ -1,0 +1,198 @@
+"""A procedurally generated segmentation dataset for demos, tests and benchmarks (no download).
+
+Five object classes plus background. Colour carries no class information (every object gets a random colour);
+the class decides the SHAPE (disc, square, triangle, ring, cross) and, most of the time, the TEXTURE (stripes,
+checker, dots, smooth, grid). Objects have random scale, aspect, rotation and position, may overlap and be cut
+by the border, and sit on cluttered backgrounds (gradients, colour noise, distractor lines and textured blobs
+that are background). Object borders are labelled 255 (ignore), as in VOC. With 1/16 of the labels a small
+CNN clearly trails the fully supervised one, which is what a semi-supervised method has to close.
+
+Every image is a pure function of (seed, split, index), so a build is deterministic and can be parallelised.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from u2pl_scale.data.writer import IGNORE_INDEX, EncodedSample, ShardSetWriter, encode_sample, encode_samples
+
+CLASS_NAMES = ["background", "disc", "square", "triangle", "ring", "cross"]
+NUM_CLASSES = len(CLASS_NAMES)
+SHAPES = CLASS_NAMES[1:]
+TEXTURES = ["stripes", "checker", "dots", "smooth", "grid"]  # TEXTURES[i] is the usual texture of SHAPES[i]
+TEXTURE_SWAP_PROB = 0.25  # how often an object wears a random texture, so texture alone is not enough
+DEMO_SPLITS = ("labeled", "unlabeled", "val", "full_labeled")
+_TRAIN_STREAM, _VAL_STREAM = 0, 1
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Inside test for a shape in its local frame; sizes are chosen so all shapes cover a similar area (~2.5)."""
+    if shape == "disc":
+        return u * u + v * v <= 0.8
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if shape == "triangle":
+        # Equilateral triangle: three half-planes at distance 0.7 from the centre.
+        angles = np.deg2rad([90.0, 210.0, 330.0])
+        return np.all([u * math.cos(a) + v * math.sin(a) <= 0.7 for a in angles], axis=0)
+    if shape == "ring":
+        radius = np.sqrt(u * u + v * v)
+        return (radius <= 1.0) & (radius >= rng.uniform(0.45, 0.65))
+    if shape == "cross":
+        half_width = rng.uniform(0.22, 0.34)
+        return ((np.abs(u) <= half_width) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= half_width) & (np.abs(u) <= 1.0))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _texture(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Texture pattern in [0, 1] over pixel coordinates x, y (already rotated into the object's frame)."""
+    period = rng.uniform(3.0, 7.0)
+    if texture == "stripes":
+        return (np.sin(2 * math.pi * x / period) > 0).astype(np.float32)
+    if texture == "checker":
+        return ((np.floor(x / period) + np.floor(y / period)) % 2).astype(np.float32)
+    if texture == "dots":
+        dx = (x / period) % 1.0 - 0.5
+        dy = (y / period) % 1.0 - 0.5
+        return (dx * dx + dy * dy < rng.uniform(0.05, 0.1)).astype(np.float32)
+    if texture == "grid":
+        return (((x / period) % 1.0 < 0.3) | ((y / period) % 1.0 < 0.3)).astype(np.float32)
+    if texture == "smooth":
+        return np.clip(0.5 + 0.05 * (x + y) / period * rng.uniform(-1, 1), 0, 1).astype(np.float32)
+    raise ValueError(f"unknown texture {texture!r}")
+
+
+def _paint(image: np.ndarray, region: np.ndarray, pattern: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint region with two random, clearly different tones mixed by pattern."""
+    base = rng.uniform(0, 255, size=3)
+    contrast = rng.uniform(50, 110) * rng.choice([-1.0, 1.0], size=3)
+    other = np.clip(base + contrast, 0, 255)
+    colours = base + (other - base) * pattern[region][:, None]
+    image[region] = colours
+
+
+def _rotated_frame(size: int, cy: float, cx: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    y, x = y - cy, x - cx
+    cos, sin = math.cos(angle), math.sin(angle)
+    return cos * x + sin * y, -sin * x + cos * y
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Gradient between two random colours plus clutter: distractor lines and textured blobs (all background)."""
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    direction = rng.uniform(0, 2 * math.pi)
+    y, x = np.meshgrid(ramp, ramp, indexing="ij")
+    weight = np.clip(0.5 + (math.cos(direction) * (x - 0.5) + math.sin(direction) * (y - 0.5)), 0, 1)
+    start, end = rng.uniform(0, 255, size=(2, 3))
+    image = start + (end - start) * weight[..., None]
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(rng.integers(2, 6)):  # blobs: unions of small discs, textured like objects
+        region = np.zeros((size, size), dtype=bool)
+        centre = rng.uniform(0, size, size=2)
+        for _ in range(rng.integers(2, 5)):
+            cy, cx = centre + rng.normal(0, size * 0.05, size=2)
+            radius = rng.uniform(0.03, 0.08) * size
+            region |= (rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2
+        u, v = _rotated_frame(size, 0.0, 0.0, rng.uniform(0, math.pi))
+        _paint(image, region, _texture(rng.choice(TEXTURES), u, v, rng), rng)
+    for _ in range(rng.integers(2, 7)):  # lines of random width
+        u, v = _rotated_frame(size, *rng.uniform(0, size, size=2), rng.uniform(0, math.pi))
+        region = np.abs(v) <= rng.uniform(0.5, 1.8)
+        image[region] = rng.uniform(0, 255, size=3)
+    return image
+
+
+def _object_border(label: np.ndarray) -> np.ndarray:
+    """Pixels whose 4-neighbourhood holds another label: the ignore band VOC draws around objects."""
+    padded = np.pad(label, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    border = np.zeros(label.shape, dtype=bool)
+    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        border |= shifted != centre
+    return border
+
+
+def generate_sample(seed: int, stream: int, index: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Return (image uint8 HxWx3, mask uint8 HxW) for one demo sample; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, stream, index])
+    image = _background(size, rng)
+    label = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(rng.integers(1, 5)):
+        class_id = int(rng.integers(1, NUM_CLASSES))
+        radius = rng.uniform(0.12, 0.3) * size
+        aspect = math.exp(rng.uniform(-0.3, 0.3))
+        cy, cx = rng.uniform(-0.05, 1.05, size=2) * size
+        u, v = _rotated_frame(size, cy, cx, rng.uniform(0, 2 * math.pi))
+        region = _shape_mask(SHAPES[class_id - 1], u / (radius * aspect), v * aspect / radius, rng)
+        if region.sum() < 0.002 * size * size:
+            continue  # almost entirely outside the image
+        texture = TEXTURES[class_id - 1] if rng.random() > TEXTURE_SWAP_PROB else rng.choice(TEXTURES)
+        texture_u, texture_v = _rotated_frame(size, cy, cx, rng.uniform(0, math.pi))
+        _paint(image, region, _texture(texture, texture_u, texture_v, rng), rng)
+        label[region] = class_id  # later objects occlude earlier ones
+    image += rng.normal(0, rng.uniform(4, 16), size=image.shape)
+    label[_object_border(label)] = IGNORE_INDEX
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+@dataclass(frozen=True)
+class DemoSampleLoader:
+    """Picklable loader for encode_samples: payload = (stream, index)."""
+
+    seed: int
+    size: int
+
+    def __call__(self, key: str, payload: tuple[int, int]) -> EncodedSample:
+        stream, index = payload
+        image, mask = generate_sample(self.seed, stream, index, self.size)
+        return encode_sample(key, image, mask, num_classes=NUM_CLASSES)
+
+
+def build_demo(out_root: Union[str, Path] = "shards/demo", seed: int = 0, num_train: int = 1024,
+               labeled_fraction: float = 1 / 16, num_val: int = 128, size: int = 96,
+               samples_per_shard: int = 64, workers: int = 1, progress: bool = True) -> dict[str, dict]:
+    """Write the demo shard sets under out_root and return their manifests by split name.
+
+    out_root/labeled: the first round(num_train * labeled_fraction) train images with masks;
+    out_root/unlabeled: the other train images, without masks; out_root/val: num_val images with masks;
+    out_root/full_labeled: all num_train train images with masks (fully supervised reference only).
+    Train images are i.i.d., so taking the first ones as labeled is an unbiased choice.
+    """
+    num_labeled = round(num_train * labeled_fraction)
+    if not 0 < num_labeled < num_train:
+        raise ValueError(f"labeled_fraction {labeled_fraction} of {num_train} train images gives "
+                         f"{num_labeled} labeled; need at least 1 labeled and 1 unlabeled")
+    out_root = Path(out_root)
+    loader = DemoSampleLoader(seed, size)
+
+    def open_writer(split_dir: str, split: str) -> ShardSetWriter:
+        return ShardSetWriter(out_root / split_dir, split, "demo", NUM_CLASSES, CLASS_NAMES,
+                              max_count=samples_per_shard)
+
+    with contextlib.ExitStack() as stack:  # on failure every writer removes its unfinished shard
+        writers = {name: stack.enter_context(open_writer(name, "labeled" if name == "full_labeled" else name))
+                   for name in DEMO_SPLITS}
+        # One pass over the train images feeds three sets, so each image is generated once.
+        train_records = [(f"train_{index:06d}", (_TRAIN_STREAM, index)) for index in range(num_train)]
+        labeled_keys = {key for key, _ in train_records[:num_labeled]}
+        for sample in encode_samples(train_records, loader, workers, desc="demo/train", progress=progress):
+            writers["full_labeled"].write(sample)
+            if sample.key in labeled_keys:
+                writers["labeled"].write(sample)
+            else:
+                writers["unlabeled"].write(sample.without_mask())
+        val_records = [(f"val_{index:06d}", (_VAL_STREAM, index)) for index in range(num_val)]
+        for sample in encode_samples(val_records, loader, workers, desc="demo/val", progress=progress):
+            writers["val"].write(sample)
+        return {name: writer.close() for name, writer in writers.items()}
+
+
+def demo_manifest_paths(out_root: Union[str, Path] = "shards/demo") -> dict[str, Path]:
+    """manifest.json path of every demo set; all exist once build_demo has finished."""
+    return {name: Path(out_root) / name / "manifest.json" for name in DEMO_SPLITS}
