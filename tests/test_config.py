@@ -40,6 +40,13 @@ def test_bad_keys_and_values_name_the_culprit(override, culprit):
         load_config("configs/demo.yaml", [override])
 
 
+def test_override_of_a_section_absent_from_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("engine:\ntrain:\n  epochs: 2\n")
+    cfg = load_config(p, ["engine.backend=deepspeed", "eval.mode=sliding"])
+    assert cfg.engine.backend == "deepspeed" and cfg.eval.mode == "sliding" and cfg.train.epochs == 2
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("model:\n  backbone: resnet18\n  headz: 3\n")

@@ -47,6 +47,6 @@ def test_missing_local_weights_file_is_named(tmp_path):
 
 def test_sync_bn_conversion_is_a_noop_without_a_group():
     model = small()
-    assert convert_sync_bn(model, True) is model
+    assert convert_sync_bn(model, True, torch.device("cuda")) is model
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(small())
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())

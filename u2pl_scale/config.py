@@ -298,7 +298,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                     last = rest[-1]
                     sub[int(last) if last.isdigit() else last] = _parse_cli_value(text)
                     break
-                node = node.setdefault(part, {}) or {}
+                if not isinstance(node.get(part), dict):  # absent or empty (None) section in the YAML
+                    node[part] = {}
+                node = node[part]
                 cls = tp
     return raw
 

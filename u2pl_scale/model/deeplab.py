@@ -120,11 +120,13 @@ def build_model(model_cfg, num_classes: int) -> DeepLabV3Plus:
         aux_head=model_cfg.aux_head)
 
 
-def convert_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
-    """SyncBatchNorm across ranks (the published runs), only when a process group of >1 ranks exists."""
+def convert_sync_bn(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """SyncBatchNorm across ranks (the published runs) when a process group of >1 ranks exists on GPUs.
+
+    torch's SyncBatchNorm has no CPU kernel, so CPU (gloo) runs keep per-rank BatchNorm.
+    """
     import torch.distributed as dist
-    if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    multi_rank = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if enabled and multi_rank and device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
-
-
