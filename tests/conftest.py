@@ -1,0 +1,43 @@
+"""Shared fixtures. The demo shards are built once, at the default location the demo config reads."""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_shards() -> Path:
+    """shards/demo (built on first use; the build writes each manifest last, so a finished set has one)."""
+    root = REPO / "shards" / "demo"
+    if not all((root / split / "manifest.json").is_file() for split in ("labeled", "unlabeled", "val")):
+        from u2pl_scale.data.demo import build_demo
+        build_demo(out_root=str(root), progress=False)
+    return root
+
+
+# ---- real clusters on this machine (tests/test_slurm.py, tests/test_ray.py) ------------------------------------
+
+SLURM_SCRIPT = REPO / "tests" / "cluster" / "slurm_local.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A REAL one-node Slurm started by tests/cluster/slurm_local.sh (installed with apt-get when missing) and
+    stopped at the end of the session; one that was already running is used and left running.
+    Skips only when not root or when the packages cannot be installed; any other start failure fails the test."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("Slurm tests need root: tests/cluster/slurm_local.sh starts slurmctld/slurmd/munged")
+    was_running = subprocess.run([str(SLURM_SCRIPT), "status"], capture_output=True).returncode == 0
+    if not was_running:
+        proc = subprocess.run([str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=300)
+        if proc.returncode in (2, 3):
+            pytest.skip(f"cannot start a local Slurm: {proc.stderr.strip().splitlines()[-1]}")
+        if proc.returncode != 0:
+            pytest.fail(f"tests/cluster/slurm_local.sh start failed (rc {proc.returncode}):\n{proc.stderr}")
+    yield SLURM_SCRIPT
+    if not was_running:
+        subprocess.run([str(SLURM_SCRIPT), "stop"], capture_output=True, timeout=120)

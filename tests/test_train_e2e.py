@@ -1,0 +1,106 @@
+"""End-to-end runs of the one training function on the demo shards (single process, 2 gloo ranks, resume)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from u2pl_scale.config import load_config
+from u2pl_scale.engine.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+# 4 steps per epoch, 3 epochs: epoch 0 is the supervised warm-up, epochs 1-2 run the U2PL step.
+QUICK = ["train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=3", "data.batch_size_labeled=4",
+         "data.batch_size_unlabeled=4", "data.num_workers=0", "train.log_interval=1", "eval.num_pictures=2",
+         "method.contrastive.num_anchors=32", "method.contrastive.queue_size=2000"]
+
+
+def run(tmp_path, *extra, name="run"):
+    cfg = load_config(REPO / "configs" / "demo.yaml", QUICK + [f"train.run_dir={tmp_path / name}", *extra])
+    return train(cfg), tmp_path / name
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_run_writes_a_complete_run_dir(demo_shards, tmp_path):
+    summary, run_dir = run(tmp_path)
+    assert summary["steps"] == 12 and summary["total_steps"] == 12
+    assert summary["evaluated_model"] == "teacher"
+    assert 0.0 <= summary["miou"] <= 1.0 and len(summary["per_class_iou"]) == 6
+    for key in ("miou", "per_class_iou", "steps", "wall_s", "images_per_s", "eval_mode", "bad_samples"):
+        assert key in summary
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
+    assert load_config(run_dir / "config.yaml").train.epochs == 3  # the resolved config reloads
+    train_lines = [m for m in read_metrics(run_dir) if m["kind"] == "train"]
+    assert [m["step"] for m in train_lines] == list(range(1, 13))
+    assert {m["phase"] for m in train_lines[:4]} == {"sup-only"} and {m["phase"] for m in train_lines[4:]} == {"u2pl"}
+    semi = train_lines[-1]
+    assert semi["unsup"] > 0 and 0 < semi["reliable"] <= 1
+    assert len([m for m in read_metrics(run_dir) if m["kind"] == "val"]) == 3  # one eval per epoch
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from PIL import Image
+    with Image.open(run_dir / "val_predictions.png") as im:
+        assert im.size[0] == 3 * 96 and im.size[1] >= 2 * 96
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000008", "step_00000012"]  # keep_checkpoints=2, no temporary left behind
+    assert (run_dir / "best.pt").is_file()
+
+
+def test_resume_from_a_mid_run_checkpoint_ends_at_the_same_step(demo_shards, tmp_path):
+    full, full_dir = run(tmp_path, "train.keep_checkpoints=5", name="full")
+    mid = full_dir / "checkpoints" / "step_00000008"
+    state = torch.load(mid / "state.pt", weights_only=True)
+    assert state["step"] == 8 and state["semi_started"] and state["steps_since_copy"] == 4
+    resumed, resumed_dir = run(tmp_path, f"train.resume={mid}", name="resumed")
+    assert resumed["steps"] == full["steps"] == 12
+    assert resumed["resumed_from"] == str(mid)
+    steps = [m["step"] for m in read_metrics(resumed_dir) if m["kind"] == "train"]
+    assert steps == [9, 10, 11, 12]  # continued, not restarted
+    # auto-resume of a finished run does no more steps
+    again, _ = run(tmp_path, "train.resume=auto", name="resumed")
+    assert again["steps"] == 12
+
+
+def test_supervised_only_method(demo_shards, tmp_path):
+    summary, run_dir = run(tmp_path, "method.name=supervised", "train.epochs=2")
+    assert summary["steps"] == 8 and summary["evaluated_model"] == "student"
+    assert {m["phase"] for m in read_metrics(run_dir) if m["kind"] == "train"} == {"sup-only"}
+
+
+def test_two_gloo_ranks_through_the_local_launcher(demo_shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, str(REPO / "launchers" / "local.py"), "--nproc", "2", *QUICK,
+           "train.epochs=2", f"train.run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+    assert summary["derived"]["global_batch_unlabeled"] == 8
+    assert "final teacher mIoU" in proc.stdout
+
+
+def test_bad_override_stops_with_the_key_named(tmp_path):
+    cmd = [sys.executable, str(REPO / "launchers" / "local.py"), "train.epochz=3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "train.epochz" in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_bf16_and_fp32_agree(demo_shards, tmp_path, precision):
+    """Mixed precision changes the numbers only slightly: the first steps' losses agree within 5%."""
+    common = ["train.epochs=2", "data.steps_per_epoch=2", "method.sup_only_epoch=1", "train.channels_last=true"]
+    ref, ref_dir = run(tmp_path, *common, "train.precision=fp32", name="fp32")
+    low, low_dir = run(tmp_path, *common, f"train.precision={precision}", name=precision)
+    ref_lines = [m for m in read_metrics(ref_dir) if m["kind"] == "train"]
+    low_lines = [m for m in read_metrics(low_dir) if m["kind"] == "train"]
+    assert len(ref_lines) == len(low_lines) == 4
+    for a, b in zip(ref_lines, low_lines):
+        for term in ("sup", "unsup"):
+            if a[term] > 0:
+                assert b[term] == pytest.approx(a[term], rel=0.05), (a["step"], term)

@@ -1,0 +1,118 @@
+"""Two engines behind one interface: torch DDP and a DeepSpeed engine (engine.backend).
+
+Both keep fp32 parameters and use autocast for mixed precision (DeepSpeed's own fp16/bf16 modes cast parameters,
+which breaks SyncBatchNorm and the EMA teacher). The teacher, queues and EMA see the plain module either way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import dist
+from .precision import grad_scaler
+
+
+class DDPBackend:
+    name = "ddp"
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, device: torch.device, precision: str,
+                 grad_clip: float = 0.0, find_unused_parameters: bool = False):
+        self.module = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.grad_clip = grad_clip
+        self.scaler = grad_scaler(precision, device)
+        if dist.is_dist():
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(model, device_ids=ids,
+                                                         find_unused_parameters=find_unused_parameters)
+        else:
+            self.forward_model = model
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, ckpt_dir: Path) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save_extra(self, tmp_dir: Path) -> None:
+        """DDP keeps everything in state.pt."""
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class DeepSpeedBackend:
+    """A DeepSpeed engine with ZeRO stage 0/1/2, gradient clipping and its own checkpoint files."""
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, device: torch.device, precision: str,
+                 grad_clip: float, zero_stage: int, batch_per_rank: int):
+        import os
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("engine.backend=deepspeed needs a process group; start with launchers/local.py, "
+                               "torchrun, Slurm or Ray")
+        if precision == "fp16":
+            raise ValueError("train.precision=fp16 with engine.backend=deepspeed is not supported: DeepSpeed's fp16 "
+                             "mode casts parameters (breaks SyncBatchNorm and the EMA teacher); use bf16 or fp32")
+        config = {
+            "train_micro_batch_size_per_gpu": batch_per_rank,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": float(grad_clip),
+            "zero_optimization": {"stage": int(zero_stage)},
+            # ZeRO 1/2 shard any torch optimizer's state; DeepSpeed only whitelists its own and Adam variants
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.module = self.engine.module
+        self.forward_model = self.engine
+        self.scaler = None
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # optimizer step, zero grad and LR scheduler step
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, ckpt_dir: Path) -> None:
+        self.engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="engine", load_module_strict=True,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def save_extra(self, tmp_dir: Path) -> None:
+        self.engine.save_checkpoint(str(tmp_dir / "deepspeed"), tag="engine")
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+
+def build_backend(cfg, model, optimizer, scheduler, device):
+    if cfg.engine.backend == "deepspeed":
+        return DeepSpeedBackend(model, optimizer, scheduler, device, cfg.train.precision, cfg.engine.grad_clip,
+                                cfg.engine.zero_stage, cfg.data.batch_size_labeled)
+    return DDPBackend(model, optimizer, scheduler, device, cfg.train.precision, cfg.engine.grad_clip,
+                      cfg.engine.find_unused_parameters)

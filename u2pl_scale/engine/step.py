@@ -1,0 +1,140 @@
+"""One training step, read top to bottom as U2PL_SPEC.md §3 writes it.
+
+Returns the loss terms as device tensors; nothing here reads a value back to the host (no .item(), no Python
+branch on tensor values), so the GPU never waits inside the step. Logging reads them every N steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..method.contrastive import contrastive_inputs, contrastive_loss
+from ..method.cutmix import cutmix, cutmix_flag
+from ..method.losses import ohem_ce, unsup_loss_from_reliable
+from ..method.reliability import alpha_t, drop_percent, reliability
+
+
+@dataclass
+class StepConfig:
+    num_classes: int
+    ignore_index: int
+    aux_weight: float
+    unsup_weight: float
+    contra_weight: float
+    contra_enabled: bool
+    drop_percent_start: float
+    low_entropy_start: float
+    cutmix_prob: float
+    ohem: bool
+    ohem_thresh: float
+    ohem_min_kept: int
+    anchor_threshold: float
+    negative_threshold: float
+    low_rank: int
+    high_rank: int
+    num_anchors: int
+    num_negatives: int
+    temperature: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "StepConfig":
+        m, c = cfg.method, cfg.method.contrastive
+        return cls(num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index,
+                   aux_weight=cfg.model.aux_weight if cfg.model.aux_head else 0.0,
+                   unsup_weight=m.unsup_weight, contra_weight=c.weight, contra_enabled=c.enabled,
+                   drop_percent_start=m.drop_percent_start, low_entropy_start=c.low_entropy_start,
+                   cutmix_prob=m.cutmix_prob, ohem=m.ohem.enabled, ohem_thresh=m.ohem.thresh,
+                   ohem_min_kept=m.ohem.min_kept, anchor_threshold=c.anchor_threshold,
+                   negative_threshold=c.negative_threshold, low_rank=c.low_rank, high_rank=c.high_rank,
+                   num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature)
+
+
+def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def supervised_loss(sc: StepConfig, logits_l: torch.Tensor, aux_l, labels: torch.Tensor) -> torch.Tensor:
+    """CE (or OHEM) at crop size, plus the weighted aux loss (spec §3.5, §5)."""
+    size = labels.shape[-2:]
+
+    def criterion(logits):
+        logits = upsample(logits.float(), size)
+        if sc.ohem:
+            return ohem_ce(logits, labels, thresh=sc.ohem_thresh, min_kept=sc.ohem_min_kept,
+                                  ignore_index=sc.ignore_index)
+        return F.cross_entropy(logits, labels, ignore_index=sc.ignore_index)
+
+    loss = criterion(logits_l)
+    if aux_l is not None and sc.aux_weight > 0:
+        loss = loss + sc.aux_weight * criterion(aux_l)
+    return loss
+
+
+def supervised_step(sc: StepConfig, student, x_l: torch.Tensor, y_l: torch.Tensor, autocast_ctx) -> dict:
+    """Warm-up / supervised-only step: the representation head joins with weight 0 so DDP sees every parameter."""
+    with autocast_ctx():
+        out = student(x_l)
+    sup = supervised_loss(sc, out["pred"], out.get("aux"), y_l)
+    loss = sup + 0.0 * out["rep"].float().sum()
+    zero = torch.zeros((), device=x_l.device)
+    return {"loss": loss, "sup": sup.detach(), "unsup": zero, "contra": zero, "reliable": zero}
+
+
+def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, progress: float, autocast_ctx,
+              generator: torch.Generator | None = None) -> dict:
+    """The semi-supervised step (spec §3); `progress` = epoch / epochs drives both schedules."""
+    b_l = x_l.shape[0]
+    crop = x_l.shape[-2:]
+    ignore = sc.ignore_index
+
+    # 2. pseudo-labels from the teacher in eval mode on the weakly augmented unlabeled batch
+    teacher.eval()
+    with torch.no_grad(), autocast_ctx():
+        prob_u = torch.softmax(upsample(teacher(x_u)["pred"].float(), crop), dim=1)
+    conf_u, pseudo_u = prob_u.max(dim=1)
+    pseudo_u = torch.where(valid_u, pseudo_u, torch.full_like(pseudo_u, ignore))
+
+    # 3. CutMix for the whole batch with probability cutmix_prob
+    apply = cutmix_flag(sc.cutmix_prob, generator=generator, device=x_u.device)
+    x_u, pseudo_u, conf_u = cutmix(x_u, pseudo_u, conf_u, apply=apply, generator=generator)
+
+    # 4-5. student on labeled + mixed unlabeled, supervised loss
+    teacher.train()  # published: the teacher's second forward runs in train mode (its BN stats move)
+    x_all = torch.cat([x_l, x_u])
+    with autocast_ctx():
+        out = student(x_all)
+    pred, rep = out["pred"].float(), out["rep"].float()
+    aux = out.get("aux")
+    sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
+
+    # 6. teacher on the same batch, no grad
+    with torch.no_grad(), autocast_ctx():
+        out_t = teacher(x_all)
+    pred_t, rep_t = out_t["pred"].float(), out_t["rep"].float()
+    prob_t = torch.softmax(pred_t, dim=1)
+    logits_u_t = upsample(pred_t[b_l:], crop)
+
+    # 7a. reliable pseudo-labels and entropy masks from one on-device sort; unsupervised loss (spec §4)
+    rel = reliability(logits_u_t, pseudo_u, drop_percent(progress, sc.drop_percent_start),
+                                  alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
+    unsup = unsup_loss_from_reliable(upsample(pred[b_l:], crop), rel.reliable_labels, rel.kept_count,
+                                            ignore_index=ignore)
+
+    # 7b. contrastive loss with unreliable pixels as negatives (spec §6)
+    if sc.contra_enabled:
+        labels_small, low_small, high_small = contrastive_inputs(
+            y_l, pseudo_u, rel.low_mask, rel.high_mask, rep.shape[-2:], ignore_index=ignore)
+        contra = contrastive_loss(
+            rep, rep_t, prob_t, labels_small, low_small, high_small, b_l, queues,
+            anchor_threshold=sc.anchor_threshold, negative_threshold=sc.negative_threshold, low_rank=sc.low_rank,
+            high_rank=sc.high_rank, num_anchors=sc.num_anchors, num_negatives=sc.num_negatives,
+            temperature=sc.temperature, generator=generator).loss
+    else:
+        contra = 0.0 * rep.sum()
+
+    # 8. total loss
+    loss = sup + sc.unsup_weight * unsup + sc.contra_weight * contra
+    return {"loss": loss, "sup": sup.detach(), "unsup": unsup.detach(), "contra": contra.detach(),
+            "reliable": rel.reliable_ratio.detach()}

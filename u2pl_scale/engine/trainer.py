@@ -1,0 +1,292 @@
+"""The one training function every launcher calls: `train(cfg, hooks)`.
+
+Flow: process group -> data streams -> student/teacher -> backend (DDP | DeepSpeed) -> for each step: supervised
+warm-up or the U2PL step, optimiser + LR + EMA -> logs every N steps -> eval + checkpoint per epoch -> summary.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import dist
+from ..config import Config, derive, queue_capacities, to_yaml
+from ..data import stream
+from ..data.transforms import normalize
+from ..method import ema
+from ..method.queues import ClassQueues
+from ..model import build_model, convert_sync_bn
+from . import checkpoint as ckpt
+from .backends import build_backend
+from .evaluate import evaluate
+from .hooks import TrainHooks
+from .optim import build_optimizer, build_scheduler
+from .outputs import RunOutputs, save_prediction_grid, write_json_atomic
+from .precision import DTYPES, autocast
+from .step import StepConfig, supervised_step, u2pl_step
+
+
+def ensure_demo_data(cfg: Config) -> None:
+    """Build the demo shards when the config points at the demo set and it is missing (rank 0 builds)."""
+    paths = [cfg.data.labeled, cfg.data.unlabeled, cfg.data.val]
+    local = [p for p in paths if isinstance(p, str) and "://" not in p and not p.startswith("pipe:") and "{" not in p]
+    # a directory without its manifest is an unfinished build: the manifest is written last
+    missing = [p for p in local if not Path(p).exists() or (Path(p).is_dir() and not (Path(p) / "manifest.json").is_file())]
+    if not missing:
+        return
+    demo_parts = [Path(p) for p in missing if Path(p).parent.name == "demo"]
+    if not (cfg.data.build_demo_if_missing and len(demo_parts) == len(missing)):
+        raise FileNotFoundError(f"data: shard set not found: {missing[0]} (build shards with shards/build.py)")
+    if dist.get_rank() == 0:
+        from ..data.demo import build_demo
+        print(f"[u2pl] demo shards missing at {demo_parts[0].parent}; building them", flush=True)
+        build_demo(out_root=str(demo_parts[0].parent))
+    dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def queue_digest(queues: ClassQueues) -> str:
+    """sha256 of the queues' contents and pointers: equal on every rank when the shared queues agree."""
+    h = hashlib.sha256()
+    for tensor in (queues.buffer, queues.write_ptr, queues.fill):
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Meter:
+    """Sums device tensors between log steps; reads them back to the host only when asked."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach().clone()
+        self.count += 1
+
+    def read(self) -> dict:
+        out = {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return out
+
+
+def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
+    hooks = hooks or TrainHooks()
+    t_start = time.time()
+    info = dist.init_distributed(cfg.train.device)
+    rank, world, device = info.rank, info.world_size, info.device
+    main = rank == 0
+    if cfg.train.num_threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.train.seed + rank)
+
+    ensure_demo_data(cfg)
+    unlabeled_size = cfg.data.unlabeled_size or (stream.unlabeled_size(cfg.data.unlabeled) or 0)
+    derived = derive(cfg, world, unlabeled_size)
+    supervised_only = cfg.method.name == "supervised"
+    run_dir = Path(cfg.train.run_dir)
+    total = derived.total_steps
+    spe = derived.steps_per_epoch
+
+    if main:
+        print("[u2pl] resolved config:\n" + to_yaml(cfg), flush=True)
+        print(f"[u2pl] derived: {derived.as_dict()} (rank source: {info.source}, backend: {info.backend}, "
+              f"device: {device})", flush=True)
+
+    # model, teacher, optimiser, engine
+    model = build_model(cfg.model, cfg.data.num_classes)
+    model = convert_sync_bn(model, cfg.model.sync_bn, device).to(device)
+    # DeepSpeed flattens/broadcasts parameters as contiguous byte views, so its weights stay contiguous; inputs are
+    # still channels-last, which makes the convolutions run channels-last.
+    if cfg.train.channels_last and cfg.engine.backend != "deepspeed":
+        model = model.to(memory_format=torch.channels_last)
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = build_optimizer(model, cfg.optim, derived.lr, device)
+    scheduler = build_scheduler(optimizer, total, cfg.optim.poly_power)
+    backend = build_backend(cfg, model, optimizer, scheduler, device)
+    student = backend.forward_model
+    module = backend.module
+    queues = ClassQueues(cfg.data.num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device,
+                         dtype=DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
+                             cfg.method.contrastive.queue_dtype]])
+    sc = StepConfig.from_config(cfg)
+    autocast_ctx = lambda: autocast(cfg.train.precision, device)  # noqa: E731
+    generator = None  # the global (per-rank seeded, checkpointed) RNG drives CutMix and sampling
+
+    # resume
+    step, semi_started, steps_since_copy, best_miou = 0, False, 0, -1.0
+    resumed_from = None
+    resume_path = ckpt.resolve_resume(cfg.train.resume, run_dir)
+    if resume_path is not None:
+        state, rng = ckpt.load_checkpoint(resume_path)
+        module.load_state_dict(state["model"])
+        teacher.load_state_dict(state["teacher"])
+        backend.load_state_dict(state["backend"], resume_path)
+        queues.load_state_dict(state["queues"])
+        step, semi_started = int(state["step"]), bool(state["semi_started"])
+        steps_since_copy, best_miou = int(state["steps_since_copy"]), float(state["best_miou"])
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        resumed_from = str(resume_path)
+        if main:
+            print(f"[u2pl] resumed from {resume_path} at step {step}", flush=True)
+
+    out = RunOutputs(run_dir, main, total, step, cfg.train.progress_bar)
+    out.write_config(to_yaml(cfg))
+
+    def prepare(batch: dict, with_label: bool = True):
+        image = normalize(batch["image"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std,
+                          cfg.train.channels_last)
+        label = batch["label"].to(device, non_blocking=True).long() if with_label else None
+        return image, label
+
+    def state_dict() -> dict:
+        return {"model": module.state_dict(), "teacher": teacher.state_dict(), "backend": backend.state_dict(),
+                "queues": queues.state_dict(), "step": step, "semi_started": semi_started,
+                "steps_since_copy": steps_since_copy, "best_miou": best_miou, "config": to_yaml(cfg)}
+
+    def save(metrics: dict) -> Path:
+        path = ckpt.save_checkpoint(run_dir, step, state_dict(), keep=cfg.train.keep_checkpoints,
+                                    extra_writer=backend.save_extra)
+        hooks.on_checkpoint(step, str(path), metrics)
+        return path
+
+    def run_eval(keep_pictures: int = 0) -> dict:
+        nonlocal best_miou
+        eval_model = teacher if semi_started else module
+        val_loader = stream.make_val_loader(cfg.data, rank, world)
+        result = evaluate(eval_model, val_loader, prepare, cfg.data.num_classes, cfg.data.ignore_index,
+                          cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride_rate, autocast_ctx, keep_pictures,
+                          cfg.data.batch_size_val)
+        result["model"] = "teacher" if semi_started else "student"
+        val_bad.update(result["bad_samples"])  # the last eval's skipped val samples (each eval reads the set)
+        if result["miou"] > best_miou:
+            best_miou = result["miou"]
+            if main:
+                tmp = run_dir / ".best.pt.tmp"
+                torch.save({"model": eval_model.state_dict(), "step": step, "miou": best_miou}, tmp)
+                tmp.replace(run_dir / "best.pt")
+        out.log(step, {"miou": result["miou"], "best_miou": best_miou}, prefix="val")
+        out.message(f"[u2pl] step {step}: {result['model']} mIoU {100 * result['miou']:.2f} "
+                    f"({result['eval_mode']})")
+        return result
+
+    meter = _Meter()
+    val_bad: dict[str, int] = {}
+    bad_counts: dict[str, int] = {}
+    images_seen = 0
+    t_loop = time.time()
+    t_log = time.time()
+    stopped = False
+    last_eval = None
+    while step < total and not stopped:
+        epoch, start_in_epoch = divmod(step, spe)
+        steps_this_epoch = min(spe, start_in_epoch + (total - step))
+        loader_l = stream.make_train_loader(cfg.data, "labeled", cfg.data.batch_size_labeled, rank, world,
+                                            cfg.train.seed, epoch, steps_this_epoch, start_in_epoch)
+        loader_u = None
+        if not supervised_only:
+            loader_u = stream.make_train_loader(cfg.data, "unlabeled", cfg.data.batch_size_unlabeled, rank, world,
+                                                cfg.train.seed, epoch, steps_this_epoch, start_in_epoch)
+        progress = epoch / cfg.train.epochs
+        batches = zip(loader_l, loader_u) if loader_u is not None else ((b, None) for b in loader_l)
+        for batch_l, batch_u in batches:
+            for b in (batch_l, batch_u):
+                for reason, n in (b or {}).get("bad", {}).items():
+                    if n:
+                        bad_counts[reason] = bad_counts.get(reason, 0) + int(n)
+            x_l, y_l = prepare(batch_l)
+            semi = not supervised_only and step >= derived.sup_only_steps
+            if semi and not semi_started:
+                ema.copy_(teacher, module)  # spec §2: the teacher starts as the student
+                semi_started, steps_since_copy = True, 0
+            if semi:
+                x_u, _ = prepare(batch_u, with_label=False)
+                valid_u = batch_u["valid"].to(device, non_blocking=True)
+                terms = u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid_u, progress, autocast_ctx,
+                                  generator)
+                images_seen += x_l.shape[0] + x_u.shape[0]
+            else:
+                terms = supervised_step(sc, student, x_l, y_l, autocast_ctx)
+                images_seen += x_l.shape[0]
+            backend.backward_and_step(terms["loss"])
+            if semi:
+                ema.update_(teacher, module, steps_since_copy, cfg.method.ema_decay)
+                steps_since_copy += 1
+            meter.add(terms)
+            step += 1
+            out.advance()
+            if step % cfg.train.log_interval == 0 or step == total:
+                now = time.time()
+                metrics = meter.read()  # the one host read, on logging steps only
+                metrics.update(lr=backend.lr, epoch=epoch, phase="u2pl" if semi else "sup-only",
+                               images_per_s=images_seen * world / max(1e-9, now - t_loop),
+                               step_s=(now - t_log) / cfg.train.log_interval)
+                if bad_counts:
+                    metrics["bad_samples"] = dict(bad_counts)
+                t_log = now
+                out.log(step, metrics)
+                hooks.on_log(step, metrics)
+            if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and step < total:
+                save({"step": step})
+            if hooks.should_stop():
+                stopped = True
+                break
+            if step >= total:
+                break
+        epoch_done = step % spe == 0 or step >= total
+        if epoch_done and not stopped:
+            if (epoch + 1) % cfg.eval.interval_epochs == 0 or step >= total:
+                last_eval = run_eval(cfg.eval.num_pictures if step >= total else 0)
+            save({"step": step, "miou": last_eval["miou"] if last_eval else None})
+    if stopped:
+        save({"step": step})
+
+    wall = time.time() - t_start
+    bad_counts = dist.sum_counts(bad_counts)  # skipped samples of every rank, reported once
+    if last_eval is None and not stopped:
+        last_eval = run_eval(cfg.eval.num_pictures)
+    summary = {
+        "miou": last_eval["miou"] if last_eval else None,
+        "per_class_iou": last_eval["per_class_iou"] if last_eval else None,
+        "best_miou": best_miou,
+        "evaluated_model": last_eval["model"] if last_eval else None,
+        "eval_mode": cfg.eval.mode,
+        "steps": step,
+        "total_steps": total,
+        "stopped_early": stopped,
+        "wall_s": wall,
+        "train_s": time.time() - t_loop,
+        "images_per_s": images_seen * world / max(1e-9, time.time() - t_loop),
+        "world_size": world,
+        "backend": cfg.engine.backend,
+        "method": cfg.method.name,
+        "derived": derived.as_dict(),
+        "bad_samples": bad_counts,
+        "val_bad_samples": dist.sum_counts(val_bad),
+        "resumed_from": resumed_from,
+        "queue_digests": dist.gather_objects(queue_digest(queues)),
+    }
+    if main:
+        if last_eval is not None:
+            save_prediction_grid(run_dir / "val_predictions.png", last_eval["pictures"], cfg.data.num_classes)
+        write_json_atomic(run_dir / "summary.json", summary)
+        if summary["miou"] is not None:
+            out.message(f"[u2pl] final {summary['evaluated_model']} mIoU: {100 * summary['miou']:.2f} "
+                        f"({summary['steps']} steps, {wall:.0f} s)")
+    out.close()
+    return summary
+
