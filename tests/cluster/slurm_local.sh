@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# A REAL one-node Slurm (slurmctld + slurmd + munge) on this machine, for tests and local trials.
+#
+#   tests/cluster/slurm_local.sh start    install slurm-wlm/munge if missing, configure, start, wait for `idle`
+#   tests/cluster/slurm_local.sh status   print sinfo; exit 0 when the node answers
+#   tests/cluster/slurm_local.sh stop     cancel our jobs, stop the daemons this script started (pid files)
+#
+# Needs root (Debian/Ubuntu; apt-get is used only when the daemons are missing). State, spool, pid and log
+# files live in $U2PL_SLURM_DIR (default /var/tmp/u2pl-slurm). It writes /etc/slurm/slurm.conf and
+# cgroup.conf (an existing foreign slurm.conf is kept as slurm.conf.u2pl-backup and restored on stop).
+# Exit codes: 0 ok, 2 not root, 3 packages cannot be installed, 4 daemons did not come up (logs printed).
+set -u
+ACTION=${1:-status}
+DIR=${U2PL_SLURM_DIR:-/var/tmp/u2pl-slurm}
+CONF=/etc/slurm/slurm.conf
+CGCONF=/etc/slurm/cgroup.conf
+MARK="# written by u2pl-scale tests/cluster/slurm_local.sh"
+
+log() { echo "[slurm_local] $*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    log "needs root (starts slurmctld/slurmd/munged and writes /etc/slurm)"; exit 2
+  fi
+}
+
+install_if_missing() {
+  if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+     && command -v sbatch >/dev/null; then
+    return 0
+  fi
+  if ! command -v apt-get >/dev/null; then
+    log "slurm-wlm/munge are not installed and apt-get is not available"; exit 3
+  fi
+  log "installing slurm-wlm and munge with apt-get (about 15 s)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } \
+       >"/tmp/u2pl-slurm-apt.log" 2>&1; then
+    tail -20 /tmp/u2pl-slurm-apt.log >&2
+    log "apt-get install slurm-wlm munge failed (log: /tmp/u2pl-slurm-apt.log)"; exit 3
+  fi
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+node_state() { timeout 5 sinfo -h -n localhost -o %T 2>/dev/null | head -1; }
+
+start_munge() {
+  if timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then
+    return 0  # a munged already answers (ours or the system's)
+  fi
+  if [ ! -s /etc/munge/munge.key ]; then
+    mkdir -p /etc/munge
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    chmod 400 /etc/munge/munge.key
+  fi
+  mkdir -p /run/munge /var/lib/munge /var/log/munge
+  munged --force --pid-file="$DIR/munged.pid" --log-file="$DIR/munged.log" \
+    || { log "munged failed to start"; exit 4; }
+  for _ in $(seq 50); do
+    timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "munged does not answer"; cat "$DIR/munged.log" >&2; exit 4
+}
+
+write_conf() {
+  local cpus mem_mb
+  cpus=$(nproc)
+  mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
+  mkdir -p /etc/slurm "$DIR/state" "$DIR/spool"
+  if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
+    log "keeping the existing $CONF as $CONF.u2pl-backup"
+    mv "$CONF" "$CONF.u2pl-backup"
+  fi
+  if [ -f "$CGCONF" ] && ! grep -qF "$MARK" "$CGCONF" && [ ! -f "$CGCONF.u2pl-backup" ]; then
+    mv "$CGCONF" "$CGCONF.u2pl-backup"
+  fi
+  cat >"$CONF" <<EOF
+$MARK
+ClusterName=local
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/slurmctld.log
+SlurmdLogFile=$DIR/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+# short waits so requeue/cancel tests do not idle (SIGTERM -> SIGKILL after KillWait seconds)
+KillWait=5
+MinJobAge=30
+NodeName=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+EOF
+  cat >"$CGCONF" <<EOF
+$MARK
+CgroupPlugin=cgroup/v1
+CgroupAutomount=no
+ConstrainCores=no
+ConstrainRAMSpace=no
+EOF
+}
+
+start() {
+  need_root
+  install_if_missing
+  mkdir -p "$DIR"
+  if pid_alive "$DIR/slurmctld.pid" && pid_alive "$DIR/slurmd.pid" && [ -n "$(node_state)" ]; then
+    log "already running: $(node_state)"; return 0
+  fi
+  start_munge
+  write_conf
+  pid_alive "$DIR/slurmctld.pid" || slurmctld || { log "slurmctld failed"; tail -20 "$DIR/slurmctld.log" >&2; exit 4; }
+  pid_alive "$DIR/slurmd.pid" || slurmd -N localhost || { log "slurmd failed"; tail -20 "$DIR/slurmd.log" >&2; exit 4; }
+  local state=""
+  for _ in $(seq 120); do
+    state=$(node_state)
+    case "$state" in
+      idle*|mixed*|allocated*) log "up: node localhost is $state"; return 0 ;;
+      down*|drain*) timeout 5 scontrol update nodename=localhost state=resume >/dev/null 2>&1 ;;
+    esac
+    sleep 0.5
+  done
+  log "node did not become idle (state: '${state:-no answer}')"
+  tail -20 "$DIR/slurmctld.log" "$DIR/slurmd.log" >&2
+  exit 4
+}
+
+stop() {
+  # cancel jobs so a later start does not resume stale work, then stop the daemons we started
+  timeout 10 scancel --full --quiet --cluster=local -u root >/dev/null 2>&1 || true
+  for name in slurmd slurmctld munged; do
+    if pid_alive "$DIR/$name.pid"; then
+      kill "$(cat "$DIR/$name.pid")" 2>/dev/null
+      for _ in $(seq 50); do pid_alive "$DIR/$name.pid" || break; sleep 0.2; done
+      pid_alive "$DIR/$name.pid" && kill -9 "$(cat "$DIR/$name.pid")" 2>/dev/null
+    fi
+    rm -f "$DIR/$name.pid"
+  done
+  if [ -f "$CONF.u2pl-backup" ]; then mv -f "$CONF.u2pl-backup" "$CONF"; fi
+  if [ -f "$CGCONF.u2pl-backup" ]; then mv -f "$CGCONF.u2pl-backup" "$CGCONF"; fi
+  log "stopped"
+}
+
+status() {
+  if timeout 5 sinfo 2>/dev/null; then exit 0; fi
+  log "not running"; exit 1
+}
+
+case "$ACTION" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 64 ;;
+esac
