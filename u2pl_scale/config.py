@@ -143,7 +143,7 @@ class TrainConfig:
     run_dir: str = "runs/demo"
     resume: str = ""  # path to checkpoint, "auto" = latest in run_dir, "" = fresh
     progress_bar: bool = True
-    num_threads: int = 0  # torch.set_num_threads on CPU; 0 = leave default
+    num_threads: int = 0  # torch threads per rank on CPU; 0 = this machine's cores / ranks on this machine
 
 
 @dataclass

@@ -238,3 +238,29 @@ def gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any rank (one small all-reduce; call on logging steps only)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def local_world_size() -> int:
+    """Ranks sharing this machine: torchrun/local launcher's LOCAL_WORLD_SIZE, Slurm's tasks per node, else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        match = re.match(r"\d+", value)
+        if match:
+            return max(1, int(match.group(0)))
+    return 1
+
+
+def cpu_threads_per_rank() -> int:
+    """Cores of this process's affinity split over the ranks on this machine: more threads than cores makes
+    OpenMP spin against itself (measured here: 10x slower steps with 2 ranks x 2 threads on 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size())

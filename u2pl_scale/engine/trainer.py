@@ -87,8 +87,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     info = dist.init_distributed(cfg.train.device)
     rank, world, device = info.rank, info.world_size, info.device
     main = rank == 0
-    if cfg.train.num_threads > 0 and device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads or dist.cpu_threads_per_rank())
     seed_everything(cfg.train.seed + rank)
 
     ensure_demo_data(cfg)
@@ -118,6 +118,10 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     scheduler = build_scheduler(optimizer, total, cfg.optim.poly_power)
     backend = build_backend(cfg, model, optimizer, scheduler, device)
     student = backend.forward_model
+    if cfg.train.compile:
+        # nn.Module.compile compiles forward in place, so state_dict keys (checkpoints, EMA) are unchanged
+        module.compile()
+        teacher.compile()
     module = backend.module
     queues = ClassQueues(cfg.data.num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device,
                          dtype=DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
@@ -240,9 +244,11 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 t_log = now
                 out.log(step, metrics)
                 hooks.on_log(step, metrics)
-            if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and step < total:
+            epoch_end = step % spe == 0 or step >= total  # saved below, after the evaluation
+            if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and not epoch_end:
                 save({"step": step})
-            if hooks.should_stop():
+            # ranks must agree to stop at the same step (the checkpoint is collective): ask on log steps only
+            if step % cfg.train.log_interval == 0 and dist.any_rank(hooks.should_stop(), device):
                 stopped = True
                 break
             if step >= total:
