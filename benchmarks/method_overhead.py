@@ -9,6 +9,13 @@ Inputs are fixed random tensors at the published shapes, features channels-last 
 pre-filled to capacity. Usage:
     python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
                                          [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16]
+
+CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
+count) a descheduled OpenMP worker makes each barrier cost up to a scheduler time slice, so 2 threads can be
+several times slower than 1. OMP_WAIT_POLICY=PASSIVE (set here unless already set; libgomp reads it once, when
+torch loads) makes waiting workers sleep instead of spin. OMP_WAIT_POLICY=default measures libgomp's default
+(spin a while, then sleep), ACTIVE always spins. The printed process CPU time (all threads, spinning included)
+is the number to compare across runs on a shared machine.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from pathlib import Path
 # Large fresh CPU allocations page-fault on every step; transparent huge pages make that several times cheaper.
 # Read once by torch at its first allocation; run with THP_MEM_ALLOC_ENABLE=0 to measure without.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ["OMP_WAIT_POLICY"].lower() == "default":  # measure libgomp's default (spin a while, then sleep)
+    del os.environ["OMP_WAIT_POLICY"]
 
 import torch  # noqa: E402
 
@@ -118,16 +128,16 @@ def main() -> None:
         with profile() as prof:
             method_step(inputs, generator=generator)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; process CPU s/step (all threads, "
-          f"useful when the machine is shared): median {statistics.median(cpu_times):.3f}")
-    print("| shape | device | queue dtype | steps | median s | min s | max s | p90 s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {args.shape} | {device.type} ({threads}) | {args.queue_dtype} | {len(times)} | "
-          f"{statistics.median(times):.3f} | {times[0]:.3f} | {times[-1]:.3f} | {p90:.3f} |")
-
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
+    print("| shape | device | queue dtype | steps | timer | median s | min s | max s | p90 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, values in (("wall", times), ("process CPU", cpu_times)):
+        values = sorted(values)
+        p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+        print(f"| {args.shape} | {device.type} ({threads}) | {args.queue_dtype} | {len(values)} | {name} | "
+              f"{statistics.median(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} | {p90:.3f} |")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,17 @@ Differences from the published code, on purpose:
   with sampled negatives is one batched dot product; the loss is the same as with raw features. Everything is
   fp32 except, when the queue is created with dtype=torch.bfloat16 (half the memory traffic), the dot products
   with the sampled negatives, which then run in bf16 with fp32 accumulation.
-- Ranks come from topk (top low_rank, bottom C - high_rank) instead of a full sort; only ties order differently.
+- Ranks come from k rounds of a max over per-pixel keys (value bits, class index) instead of topk/sort over the
+  class dim; ties rank the lower class index first (like a stable descending sort), topk left them unspecified.
+
+How it is computed (same values as the batched [N, C, hw]-mask formulation, measured several times cheaper on CPU):
+- prototype and anchor membership are one label per pixel (a pixel belongs to at most its own class): class sums
+  by index_add (CPU) or a one-hot bmm (accelerators, deterministic), anchors drawn via a stable sort of the labels
+  with the same random draws as a running count over [C, P] would use;
+- only the negative mask is per class, built class-major [C, N, hw] (what the queue push consumes);
+- the anchor-vs-negative logits, the CE and its gradient w.r.t. the anchors are computed in one pass over the
+  sampled negatives (_AnchorLoss), chunk by chunk: the [C*A*K, D] negatives are never materialised and backward
+  does not gather them again.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .queues import ClassQueues
-from .reliability import downsample_nearest
+from .reliability import _order_keys, cpu_single_thread, downsample_nearest
 
 
 @dataclass
@@ -78,10 +88,108 @@ def contrastive_inputs(
     return labels, low, high
 
 
-def _rank_mask(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[N, k, hw] class indices -> [N, C, hw] bool, True for the listed classes."""
-    mask = torch.zeros(indices.shape[0], num_classes, indices.shape[2], dtype=torch.bool, device=indices.device)
-    return mask.scatter_(1, indices, True)
+_CPU_SCRATCH: dict = {}
+
+
+def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable buffer for step-local temporaries on CPU, where a fresh large allocation page-faults on every
+    step; a fresh tensor elsewhere (the caching allocator already reuses memory). Callers must not let the
+    result outlive the call."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffer = _CPU_SCRATCH.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        _CPU_SCRATCH[(name, dtype)] = buffer
+    return buffer[:numel].view(shape)
+
+
+def _rank_keys(prob: torch.Tensor) -> torch.Tensor:
+    """[N, C, hw] -> int64 keys in the order of the values, unique within a pixel (ties: lower class first)."""
+    num_classes = prob.shape[1]
+    shift = max(1, (num_classes - 1).bit_length())
+    tie_break = (num_classes - 1 - torch.arange(num_classes, device=prob.device))[None, :, None]
+    return _order_keys(prob).long().mul_(1 << shift).add_(tie_break)
+
+
+def _top_mask(keys: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """[N, C, hw] unique keys -> bool [N, C, hw], True for the k largest (smallest) classes of each pixel.
+
+    k rounds of max (min) over the class dim, each below (above) the previous one; no topk/argmax over a 21-long
+    dim, which is several times slower on CPU. The complement is used when k > C / 2.
+    """
+    num_classes = keys.shape[1]
+    if k > num_classes - k:
+        return ~_top_mask(keys, num_classes - k, not largest)
+    if k <= 0:
+        return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    if largest:
+        kth = keys.amax(1, keepdim=True)
+        for _ in range(k - 1):
+            kth = torch.where(keys < kth, keys, torch.iinfo(torch.int64).min).amax(1, keepdim=True)
+        return keys >= kth
+    kth = keys.amin(1, keepdim=True)
+    for _ in range(k - 1):
+        kth = torch.where(keys > kth, keys, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+    return keys <= kth
+
+
+@dataclass
+class _PixelClasses:
+    prototype_label: torch.Tensor  # [P] long: label if (label in range & low entropy) else C
+    anchor_label: torch.Tensor  # [P] long: prototype_label if q_label > anchor_threshold else C
+    negative: torch.Tensor  # [C, N, hw] bool, class-major: negative candidates of class c
+
+
+def _pixel_classes(
+    prob_teacher: torch.Tensor,
+    labels: torch.Tensor,
+    low_mask: torch.Tensor,
+    high_mask: torch.Tensor,
+    num_labeled: int,
+    anchor_threshold: float,
+    negative_threshold: float,
+    low_rank: int,
+    high_rank: int,
+) -> _PixelClasses:
+    """The masks of the module docstring in compact form: a pixel is a prototype / anchor pixel of at most one
+    class (its label), so those are per-pixel labels; only the negatives need a per-class mask, built class-major
+    (what the queue push consumes) without one-hot label tensors."""
+    batch, num_classes, height, width = prob_teacher.shape
+    prob = prob_teacher.float().reshape(batch, num_classes, height * width)
+    labels = labels.reshape(batch, -1).long()
+    low = low_mask.reshape(batch, -1).bool()
+    high = high_mask.reshape(batch, -1).bool()
+
+    in_range = (labels >= 0) & (labels < num_classes)
+    prototype_label = torch.where(low & in_range, labels, num_classes)
+    q_label = prob.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
+    anchor_label = torch.where((prototype_label < num_classes) & (q_label > anchor_threshold), prototype_label,
+                               num_classes)
+
+    keys = _rank_keys(prob)
+    top_low = _top_mask(keys, min(low_rank, num_classes), largest=True)
+    candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
+    negative = torch.empty(num_classes, batch, height * width, dtype=torch.bool, device=prob.device)
+    negative_nc = negative.transpose(0, 1)  # written through an [N, C, hw] view: no transpose copy
+    if num_labeled > 0:  # labeled: among the top low_rank, but not the true label
+        classes = torch.arange(num_classes, device=prob.device)[None, :, None]
+        not_label = labels[:num_labeled, None, :] != classes
+        torch.logical_and(candidate[:num_labeled] & top_low[:num_labeled], not_label, out=negative_nc[:num_labeled])
+    if num_labeled < batch:  # unlabeled: ranked in [low_rank, high_rank)
+        window = ~top_low[num_labeled:]
+        if high_rank < num_classes:
+            window &= ~_top_mask(keys[num_labeled:], num_classes - high_rank, largest=False)
+        torch.logical_and(candidate[num_labeled:], window, out=negative_nc[num_labeled:])
+    return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
+
+
+def _label_mask(pixel_label: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
+    classes = torch.arange(num_classes, device=pixel_label.device)[None, :, None]
+    return pixel_label.reshape(batch, 1, -1) == classes
 
 
 def contrastive_masks(
@@ -95,32 +203,18 @@ def contrastive_masks(
     low_rank: int = 3,
     high_rank: int = 20,
 ) -> ContrastiveMasks:
-    """Anchor, prototype and negative masks for every class at once (see module docstring)."""
-    batch, num_classes, height, width = prob_teacher.shape
-    prob = prob_teacher.float().reshape(batch, num_classes, height * width)
-    classes = torch.arange(num_classes, device=prob.device)[None, :, None]
-    label_is_c = labels.reshape(batch, 1, -1) == classes
-    low = low_mask.reshape(batch, 1, -1).bool()
-    high = high_mask.reshape(batch, 1, -1).bool()
+    """Anchor, prototype and negative masks for every class at once (see module docstring), [N, C, h*w] bool.
 
-    label_low = label_is_c & low
-    anchor = label_low & (prob > anchor_threshold)
-
-    top_low = _rank_mask(prob.topk(min(low_rank, num_classes), dim=1).indices, num_classes)
-    if high_rank < num_classes:
-        beyond_high = _rank_mask(prob.topk(num_classes - high_rank, dim=1, largest=False).indices, num_classes)
-        rank_window = ~top_low & ~beyond_high  # ranks [low_rank, high_rank)
-    else:
-        rank_window = ~top_low
-    is_labeled = (torch.arange(batch, device=prob.device) < num_labeled)[:, None, None]
-    class_condition = torch.where(is_labeled, top_low & ~label_is_c, rank_window)
-    negative = high & (prob < negative_threshold) & class_condition
-    return ContrastiveMasks(label_low, anchor, negative)
-
-
-def _class_major(mask: torch.Tensor) -> torch.Tensor:
-    """[N, C, hw] -> contiguous [C, N*hw] (pixel index p = n*hw + s)."""
-    return mask.transpose(0, 1).reshape(mask.shape[1], -1)
+    For inspection and tests; `contrastive_loss` uses the same masks in compact form without building these.
+    """
+    batch, num_classes = prob_teacher.shape[:2]
+    pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
+                           negative_threshold, low_rank, high_rank)
+    return ContrastiveMasks(
+        _label_mask(pixel.prototype_label, batch, num_classes),
+        _label_mask(pixel.anchor_label, batch, num_classes),
+        pixel.negative.transpose(0, 1),
+    )
 
 
 def _pixel_rows(features: torch.Tensor) -> torch.Tensor:
@@ -137,6 +231,12 @@ def _gather_pixels(features: torch.Tensor, pixel_index: torch.Tensor) -> torch.T
     return features.flatten(2)[image, :, pixel_index - image * hw]
 
 
+def _count_per_class(pixel_label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[P] labels in 0..C (C = none) -> [C] long counts (index_add: no host sync, unlike bincount on CUDA)."""
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=pixel_label.device)
+    return counts.index_add_(0, pixel_label, torch.ones_like(pixel_label))[:num_classes]
+
+
 def sample_anchor_index(
     anchor_cp: torch.Tensor, num_anchors: int, generator: Optional[torch.Generator] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +249,79 @@ def sample_anchor_index(
     wanted = torch.minimum(wanted, (count - 1).clamp(min=0)[:, None]) + 1  # 1-based rank of the chosen pixel
     index = torch.searchsorted(running, wanted)  # first pixel whose running count reaches that rank
     return index.clamp(max=anchor_cp.shape[1] - 1), count
+
+
+def sample_anchor_index_from_labels(
+    anchor_label: torch.Tensor, num_classes: int, num_anchors: int, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_anchor_index` for candidates given as one label per pixel ([P], C = none): the same random draws
+    pick the same pixels (the k-th candidate of class c in pixel order), via a stable sort instead of a [C, P]
+    running count."""
+    num_pixels = anchor_label.numel()
+    count = _count_per_class(anchor_label, num_classes)
+    order = torch.sort(anchor_label, stable=True).indices  # pixels grouped by class, in pixel order
+    start = torch.cumsum(count, 0) - count
+    uniform = torch.rand(num_classes, num_anchors, generator=generator, device=anchor_label.device,
+                         dtype=torch.float64)
+    wanted = (uniform * count[:, None]).floor().long()
+    wanted = torch.minimum(wanted, (count - 1).clamp(min=0)[:, None])
+    index = order[(start[:, None] + wanted).clamp(max=num_pixels - 1)]
+    return torch.where(count[:, None] > 0, index, torch.full_like(index, num_pixels - 1)), count
+
+
+# bytes of gathered negatives per chunk: a few MB keeps a chunk in cache on CPU; one chunk on accelerators
+_CPU_CHUNK_BYTES = 16 << 20
+_DEVICE_CHUNK_BYTES = 512 << 20
+
+
+class _AnchorLoss(torch.autograd.Function):
+    """Per-anchor CE (target 0) over logits = [a . prototype_c, a . buffer[index]] / temperature.
+
+    The sampled negatives are gathered chunk by chunk into one reused buffer and never materialised as a whole
+    [C*A*K, D] tensor; the gradient w.r.t. each anchor, (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is
+    formed in the same pass while the chunk is in cache, so backward does not gather again.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, prototypes, buffer, index, temperature):
+        num_classes, num_anchors, dim = anchors.shape
+        rows = num_classes * num_anchors
+        index = index.reshape(rows, -1)
+        num_negatives = index.shape[1]
+        device = anchors.device
+        scaled = anchors.reshape(rows, dim) / temperature  # logits = scaled . key
+        logits = torch.empty(rows, num_negatives + 1, dtype=torch.float32, device=device)
+        logits[:, 0] = (scaled.reshape(num_classes, num_anchors, dim) * prototypes[:, None, :]).sum(-1).reshape(-1)
+        scaled = scaled.to(buffer.dtype)[:, None, :]  # [M, 1, D]; a bf16 queue gives bf16 dot products
+        grad = torch.empty(rows, 1, dim, dtype=buffer.dtype, device=device)  # sum_k p_k negative_k
+        chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+        chunk = max(1, min(rows, chunk_bytes // (num_negatives * dim * buffer.element_size())))
+        scratch = _scratch("negatives", (chunk * num_negatives, dim), buffer.dtype, device)
+        with cpu_single_thread(device):
+            for begin in range(0, rows, chunk):
+                end = min(rows, begin + chunk)
+                size = end - begin
+                negatives = torch.index_select(buffer, 0, index[begin:end].reshape(-1),
+                                               out=scratch[: size * num_negatives])
+                negatives = negatives.view(size, num_negatives, dim)
+                dots = torch.bmm(scaled[begin:end], negatives.transpose(1, 2))[:, 0]  # [size, K]
+                block = logits[begin:end]
+                block[:, 1:] = dots
+                prob = torch.softmax(block, dim=1)[:, None, 1:]
+                torch.bmm(prob.to(buffer.dtype), negatives, out=grad[begin:end])
+        lse = torch.logsumexp(logits, dim=1)
+        per_anchor = lse - logits[:, 0]
+        p_positive = torch.exp(-per_anchor)  # softmax probability of the positive
+        grad = grad.float().view(num_classes, num_anchors, dim)
+        grad += (p_positive.view(num_classes, num_anchors, 1) - 1.0) * prototypes[:, None, :]
+        grad /= temperature
+        ctx.save_for_backward(grad)
+        return per_anchor.view(num_classes, num_anchors)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output[:, :, None], None, None, None, None
 
 
 def contrastive_loss(
@@ -180,37 +353,39 @@ def contrastive_loss(
     batch, dim, height, width = rep.shape
     num_classes = prob_teacher.shape[1]
     with torch.autocast(rep.device.type, enabled=False), torch.no_grad():
-        masks = contrastive_masks(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
-                                  negative_threshold, low_rank, high_rank)
+        pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
+                               negative_threshold, low_rank, high_rank)
         teacher = rep_teacher.detach().float()
-        # prototypes: per-image [C, hw] @ [hw, D], summed over images
-        teacher_rows = teacher.flatten(2).transpose(1, 2)  # [N, hw, D] (contiguous when channels-last)
-        label_low = masks.label_low.float()
-        pixels_per_class = label_low.sum(dim=(0, 2))
-        prototypes = torch.bmm(label_low, teacher_rows).sum(0) / pixels_per_class.clamp(min=1)[:, None]
+        rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
+        # prototypes: mean teacher feature per class over its low-entropy pixels
+        pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
+        if teacher.device.type == "cpu":
+            sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
+            sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
+        else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images
+            one_hot = _label_mask(pixel.prototype_label, batch, num_classes).float()
+            sums = torch.bmm(one_hot, teacher.flatten(2).transpose(1, 2)).sum(0)
+        prototypes = sums / pixels_per_class.clamp(min=1)[:, None].float()
         class_present = pixels_per_class > 0
         num_present = class_present.sum()
 
         # negatives of every class go to the shared queues before sampling (one collective)
-        negative_pc = _class_major(masks.negative).t()  # [P, C] view of a class-major tensor
-        queues.push_distributed(F.normalize(_pixel_rows(teacher), dim=1).to(queues.dtype), negative_pc, group=group)
+        # F.normalize as one multiply by the inverse norm (a divide per element costs more), into a reused buffer
+        inverse_norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        unit_rows = torch.mul(rows, inverse_norm, out=_scratch("push_rows", tuple(rows.shape), rows.dtype, rows.device))
+        negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
+        queues.push_distributed(unit_rows.to(queues.dtype), negative_pc, group=group)
 
-        anchor_index, anchor_count = sample_anchor_index(_class_major(masks.anchor), num_anchors, generator)
+        anchor_index, anchor_count = sample_anchor_index_from_labels(pixel.anchor_label, num_classes, num_anchors,
+                                                                     generator)
         negative_index, queue_nonempty = queues.sample_indices(num_anchors * num_negatives, generator=generator)
         class_used = class_present & (anchor_count > 0) & queue_nonempty
-        # negatives stay in the queue's storage dtype (fp32 by default); a bf16 queue gives bf16 dot products
-        negatives = queues.buffer.index_select(0, negative_index.reshape(-1))
-        negatives = negatives.reshape(num_classes * num_anchors, num_negatives, dim)
         prototypes_unit = F.normalize(prototypes, dim=1)
 
     with torch.autocast(rep.device.type, enabled=False):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float()
         anchors = F.normalize(anchors, dim=1).reshape(num_classes, num_anchors, dim)
-        positive = (anchors * prototypes_unit[:, None, :]).sum(-1, keepdim=True)  # [C, A, 1]
-        anchor_columns = anchors.reshape(-1, dim, 1).to(negatives.dtype)
-        negative = torch.bmm(negatives, anchor_columns).float().reshape(num_classes, num_anchors, num_negatives)
-        logits = torch.cat([positive, negative], dim=2) / temperature
-        per_anchor = torch.logsumexp(logits, dim=2) - logits[:, :, 0]  # CE with target 0
+        per_anchor = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature)
         per_class = per_anchor.mean(dim=1)
         total = torch.where(class_used, per_class, torch.zeros_like(per_class)).sum()
         # < 2 classes present: 0, still attached to rep through the (clamped) anchor gather

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .reliability import Number, drop_unreliable, entropy_from_logits, percentile
+from .reliability import Number, cpu_row_chunks, cpu_single_thread, drop_unreliable, entropy_from_logits, percentile
 
 
 def _ce_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -72,12 +72,51 @@ def ohem_ce(
         return ce_mean(logits, target, ignore_index)
 
 
+class _ScaledCESumCPU(torch.autograd.Function):
+    """`scale` x the sum of per-pixel CE over non-ignored pixels of fp32 CPU logits [B, C, H, W], fused: in
+    cache-sized row blocks, log_softmax gives the loss and, in the same pass, the gradient
+    scale * (softmax - onehot) (0 on ignored pixels) is written once and saved, so backward only hands it on (no
+    log_softmax / nll backward passes, and no extra logits-sized pass when the incoming gradient is 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, scale):
+        grad = torch.empty(logits.shape, dtype=torch.float32)
+        partial = []
+        with cpu_single_thread(logits.device):
+            for b, top, bottom in cpu_row_chunks(logits.shape):
+                log_prob = torch.log_softmax(logits[b, :, top:bottom], dim=0)  # [C, rows, W]
+                labels = target[b, top:bottom]
+                valid = labels != ignore_index
+                safe = torch.where(valid, labels, 0)[None].long()
+                picked = log_prob.gather(0, safe)[0]
+                partial.append(torch.where(valid, picked, 0.0).sum())
+                block = grad[b, :, top:bottom]
+                torch.exp(log_prob, out=block)
+                block.scatter_add_(0, safe, valid[None].float().neg_())
+                block.mul_(valid[None] * scale)
+        ctx.save_for_backward(grad)
+        return torch.stack(partial).sum().neg_() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        # CPU only, so reading the incoming gradient costs no device sync. Handing the saved tensor on is safe:
+        # autograd only accumulates in place into a gradient nothing else references.
+        if grad_output.item() == 1.0:
+            return grad, None, None, None
+        return grad * grad_output, None, None, None
+
+
 def unsup_loss_from_reliable(
     student_logits_u: torch.Tensor, reliable_labels: torch.Tensor, kept_count: torch.Tensor, ignore_index: int = 255
 ) -> torch.Tensor:
     """`(B*H*W / kept) * CE(mean over kept)` as the published compute_unsupervised_loss (spec section 4)."""
     batch, _, height, width = student_logits_u.shape
     kept = kept_count.clamp(min=1).float()
+    if student_logits_u.device.type == "cpu" and student_logits_u.dim() == 4:
+        with torch.autocast("cpu", enabled=False):
+            scale = (batch * height * width / kept) / kept
+            return _ScaledCESumCPU.apply(student_logits_u.float(), reliable_labels, ignore_index, scale)
     loss = (batch * height * width / kept) * (_ce_sum(student_logits_u, reliable_labels, ignore_index) / kept)
     return loss
 

@@ -10,7 +10,9 @@ newest capacity_c pairs per class are kept, their ring slots are computed arithm
 index_copy_. The kept pairs are compacted with `torch.nonzero_static` to a size fixed by the shapes
 (min(pixels x classes, sum(capacities), max_pairs)), so accelerators never sync. On a CPU device there is no
 host/device boundary to protect, and the padded write of up to sum(capacities) rows would dominate the step, so
-the CPU path compacts to the exact pair count (`torch.nonzero`); both paths write identical queues.
+the CPU ("exact") path reads the per-class counts on the host and copies each class's newest rows with
+`index_select(out=...)` straight into its ring slice(s), without a [pairs, dim] intermediate; both paths write
+identical queues.
 
 `push_distributed` does ONE fixed-size all_gather per step for all classes: every rank sends its P feature rows
 with the class mask packed as extra columns (P is the same on every rank: the per-rank batch shape); the
@@ -23,6 +25,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+
+from .reliability import cpu_single_thread
 
 
 class ClassQueues:
@@ -48,6 +52,7 @@ class ClassQueues:
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.capacities = torch.tensor(capacities, dtype=torch.long, device=device)
         self.offsets = torch.cumsum(self.capacities, 0) - self.capacities
+        self.offsets_list = self.offsets.tolist()
         self.buffer = torch.zeros(self.total_capacity + 1, dim, dtype=dtype, device=device)
         self.write_ptr = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.fill = torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -73,36 +78,63 @@ class ClassQueues:
         if num_rows == 0:
             return
         mask_cn = class_mask.t().to(torch.bool)  # [C, N]: pairs in class-major order
+        if self.compaction == "exact":
+            with cpu_single_thread(features.device):  # ~2 x C row copies: see cpu_single_thread
+                self._push_exact(features, mask_cn)
+            return
         rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
         pushed = rank_in_class[:, -1].long()  # pairs per class this push
         overflow = (pushed - self.capacities).clamp(min=0)  # oldest pairs that cannot survive
         keep = mask_cn & (rank_in_class > overflow[:, None].to(torch.int32))
 
         flat_keep = keep.reshape(-1)
-        if self.compaction == "exact":
-            pair = torch.nonzero(flat_keep)[:, 0]  # exact size: no device to sync with on CPU
-            padding = None
-        else:
-            static_size = min(num_rows * self.num_classes, self.total_capacity)
-            if max_pairs is not None:
-                static_size = min(static_size, int(max_pairs))
-            pair = torch.nonzero_static(flat_keep, size=static_size, fill_value=-1)[:, 0]
-            padding = pair < 0
-            self.dropped_pairs += (flat_keep.sum() - static_size).clamp(min=0)
-            pair = pair.clamp(min=0)
+        static_size = min(num_rows * self.num_classes, self.total_capacity)
+        if max_pairs is not None:
+            static_size = min(static_size, int(max_pairs))
+        pair = torch.nonzero_static(flat_keep, size=static_size, fill_value=-1)[:, 0]
+        padding = pair < 0
+        self.dropped_pairs += (flat_keep.sum() - static_size).clamp(min=0)
+        pair = pair.clamp(min=0)
 
         cls = torch.div(pair, num_rows, rounding_mode="floor")
         row = pair - cls * num_rows
         position = rank_in_class.reshape(-1)[pair].long() - 1 - overflow[cls]  # 0 .. kept_c - 1
         slot = self.offsets[cls] + torch.remainder(self.write_ptr[cls] + position, self.capacities[cls])
-        if padding is not None:
-            slot = torch.where(padding, torch.full_like(slot, self.scratch_row), slot)
-            row = torch.where(padding, torch.zeros_like(row), row)
+        slot = torch.where(padding, torch.full_like(slot, self.scratch_row), slot)
+        row = torch.where(padding, torch.zeros_like(row), row)
         self.buffer.index_copy_(0, slot, features.index_select(0, row).to(self.dtype))
 
         kept = pushed - overflow
         self.write_ptr.copy_(torch.remainder(self.write_ptr + kept, self.capacities))
         self.fill.copy_(torch.minimum(self.fill + pushed, self.capacities))
+
+    def _push_exact(self, features: torch.Tensor, mask_cn: torch.Tensor) -> None:
+        """Host-side push (CPU, where reading counts costs nothing): per class, the kept source rows are copied
+        with one or two `index_select(..., out=<ring slice>)` straight into the buffer (a wrapped ring is two
+        contiguous slices), so no [pairs, dim] intermediate is ever materialised."""
+        pairs = torch.nonzero(mask_cn)  # [K, 2] (class, row), class-major then row order
+        rows = pairs[:, 1]
+        pushed = torch.bincount(pairs[:, 0], minlength=self.num_classes)
+        if features.dtype != self.dtype:
+            features = features.to(self.dtype)
+        write_ptr, fill = self.write_ptr.tolist(), self.fill.tolist()
+        start = 0
+        for c, count in enumerate(pushed.tolist()):
+            if count == 0:
+                continue
+            capacity, offset = self.capacity_list[c], int(self.offsets_list[c])
+            class_rows = rows[start + max(count - capacity, 0) : start + count]  # only the newest can survive
+            start += count
+            kept = class_rows.numel()
+            ptr = write_ptr[c]
+            first = min(kept, capacity - ptr)
+            torch.index_select(features, 0, class_rows[:first], out=self.buffer[offset + ptr : offset + ptr + first])
+            if kept > first:
+                torch.index_select(features, 0, class_rows[first:], out=self.buffer[offset : offset + kept - first])
+            write_ptr[c] = (ptr + kept) % capacity
+            fill[c] = min(fill[c] + count, capacity)
+        self.write_ptr.copy_(torch.tensor(write_ptr, dtype=torch.long))
+        self.fill.copy_(torch.tensor(fill, dtype=torch.long))
 
     @torch.no_grad()
     def push_distributed(

@@ -7,6 +7,8 @@ ever read back to the host.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -20,13 +22,64 @@ ENTROPY_EPS = 1e-10
 def entropy(prob: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
     """Per-pixel entropy `-sum_c p log(p + eps)` of a softmax `prob` [B, C, H, W] -> [B, H, W] (spec section 4)."""
     prob = prob.float()
-    return -(prob * torch.log(prob + eps)).sum(dim=1)
+    terms = prob + eps  # one temporary, updated in place: same values as -(prob * log(prob + eps)).sum(1)
+    terms.log_()
+    terms.mul_(prob)
+    return terms.sum(dim=1).neg_()
+
+
+# CPU: elements per chunk of the fused softmax/entropy/CE passes, so a chunk's temporaries stay in cache
+CPU_CHUNK_ELEMENTS = 1 << 19
+
+
+# Set to False to let the cache-sized CPU loops use every intra-op thread (better on an otherwise idle machine).
+CPU_LOOPS_SINGLE_THREAD = os.environ.get("U2PL_CPU_LOOPS_SINGLE_THREAD", "1") != "0"
+
+
+@contextmanager
+def cpu_single_thread(device: torch.device):
+    """One intra-op thread for a loop of many small, cache-sized CPU ops. Each multi-threaded op ends at a
+    barrier; on a loaded machine a descheduled worker makes every barrier cost up to a scheduler time slice, so
+    hundreds of small parallel ops cost seconds (measured: 4 s instead of 0.3 s per step). No-op off CPU."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or not CPU_LOOPS_SINGLE_THREAD:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_row_chunks(shape: torch.Size) -> list[tuple[int, int, int]]:
+    """(image, first row, end row) blocks of a [B, C, H, W] map with about CPU_CHUNK_ELEMENTS elements each."""
+    batch, channels, height, width = shape
+    rows = max(1, min(height, CPU_CHUNK_ELEMENTS // max(1, channels * width)))
+    return [(b, r, min(height, r + rows)) for b in range(batch) for r in range(0, height, rows)]
 
 
 def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
-    """`entropy(softmax(logits))` in fp32 [B, C, H, W] -> [B, H, W]."""
+    """`entropy(softmax(logits))` in fp32 [B, C, H, W] -> [B, H, W].
+
+    On CPU computed in row blocks that stay in cache (per-pixel arithmetic: the same formula, no full-size
+    softmax temporary); elsewhere in whole-tensor passes.
+    """
     with torch.autocast(logits.device.type, enabled=False):
-        return entropy(torch.softmax(logits.float(), dim=1), eps)
+        if logits.device.type != "cpu" or logits.dim() != 4:
+            return entropy(torch.softmax(logits.float(), dim=1), eps)
+        batch, _, height, width = logits.shape
+        out = torch.empty(batch, height, width, dtype=torch.float32)
+        chunks = cpu_row_chunks(logits.shape)
+        buffer = torch.empty(logits.shape[1] * (chunks[0][2] - chunks[0][1]) * width, dtype=torch.float32)
+        with cpu_single_thread(logits.device):
+            for b, top, bottom in chunks:
+                prob = torch.softmax(logits[b, :, top:bottom].float(), dim=0)
+                terms = torch.add(prob, eps, out=buffer[: prob.numel()].view(prob.shape))
+                terms.log_()
+                terms.mul_(prob)
+                torch.sum(terms, dim=0, out=out[b, top:bottom])
+        return out.neg_()
 
 
 def drop_percent(progress: Number, start: float = 20.0) -> Number:
@@ -46,6 +99,27 @@ def _order_keys(values: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+def _from_order_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_order_keys` (the bit flip is its own inverse)."""
+    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def _select_keys_cpu(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`torch.sort(keys).values[positions]` for int32 keys on CPU by a one-level radix select: a histogram of the
+    top 16 bits finds the bucket of each wanted position, and only those buckets are sorted (host-side sizes)."""
+    bucket = (keys >> 16) + 32768  # 0 .. 65535, in key order
+    counts = torch.bincount(bucket, minlength=1 << 16)
+    ends = torch.cumsum(counts, 0)
+    wanted = torch.searchsorted(ends, positions, right=True)  # bucket holding each position
+    starts = (ends - counts)[wanted]
+    out = torch.empty(positions.shape, dtype=keys.dtype)
+    for b in torch.unique(wanted).tolist():
+        in_bucket = torch.sort(keys[bucket == b]).values
+        take = wanted == b
+        out[take] = in_bucket[positions[take] - starts[take]]
+    return out
+
+
 def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequence[Number], torch.Tensor]) -> torch.Tensor:
     """Percentiles `qs` (in [0, 100]) of `values[valid_mask]`, like numpy.percentile's default 'linear' method.
 
@@ -55,7 +129,6 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     flat = values.reshape(-1).float()
     valid = valid_mask.reshape(-1).to(torch.bool)
     keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
-    order = torch.sort(keys, stable=True).indices
     count = valid.sum()
     q = torch.as_tensor(qs, dtype=torch.float64, device=flat.device).reshape(-1)
     position = q / 100.0 * (count - 1).clamp(min=0).to(torch.float64)
@@ -63,8 +136,15 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     fraction = (position - lower).float()
     lower_index = lower.long().clamp(0, flat.numel() - 1)
     upper_index = torch.minimum(lower_index + 1, (count - 1).clamp(min=0))
-    lower_value = flat[order[lower_index]]
-    upper_value = flat[order[upper_index]]
+    if flat.device.type == "cpu":
+        # no device to keep in sync with: select the few order statistics instead of sorting everything
+        selected = _select_keys_cpu(keys, torch.cat([lower_index, upper_index]))
+        lower_value, upper_value = _from_order_keys(selected).chunk(2)
+    else:
+        # keys are a bijection of the fp32 bit patterns, so the sorted keys give the sorted values back exactly
+        sorted_values = _from_order_keys(torch.sort(keys).values)
+        lower_value = sorted_values[lower_index]
+        upper_value = sorted_values[upper_index]
     result = lower_value + (upper_value - lower_value) * fraction
     return torch.where(count > 0, result, torch.full_like(result, float("inf")))
 

@@ -1,0 +1,306 @@
+"""Where one U2PL training step spends its time (U2PL_SPEC.md section 3), on the real model.
+
+Two measurements per run:
+- total: the real step as the trainer runs it: next batch + prepare (H2D, normalise), `u2pl_step` from
+  u2pl_scale/engine/step.py, backward, optimiser + LR schedule step, EMA update. No synchronisation inside the step
+  (one at its end, to time it). On GPU the host-device syncs inside these steps are counted with
+  torch.cuda.set_sync_debug_mode("warn") (no logging steps are run, so this must be 0).
+- breakdown: the same work cut into parts, with a device synchronize between parts (separate steps, so the syncs do
+  not disturb the total):
+    data wait        next batch (synthetic uint8 batches kept in host memory, or the demo shards) + prepare
+    teacher forward  eval-mode pseudo-labels on x_u (+ upsample, softmax) + CutMix + train-mode forward on
+                     cat(x_l, x_u) (+ softmax, upsample of the unlabeled logits), no grad
+    student fwd+bwd  student forward on cat(x_l, x_u), supervised loss, and the backward of everything through the
+                     student (the method's gradients enter at the student's outputs)
+    method work      upsample of the student's unlabeled logits, reliability (entropy, percentiles), unsup loss,
+                     contrastive inputs/masks/loss, queue push (distributed call path) and sampling, and their
+                     backward down to the student's outputs (pred, rep) - what benchmarks/method_overhead.py times
+    optimizer+EMA    optimiser step, zero_grad, LR schedule step, EMA teacher update
+  The breakdown pieces call the same functions as u2pl_step (method functions from u2pl_scale.method).
+
+Prints a markdown table: median ms per part, % of the breakdown's sum, method work as % of the step, images/s from
+the total, peak memory (torch.cuda.max_memory_allocated on GPU; ru_maxrss of the process on CPU).
+
+CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129, 2 + 2 images, VOC (21 classes,
+full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
+    python benchmarks/step_breakdown.py [--device cpu|cuda] [--backbone resnet18] [--crop 129] [--batch 2]
+        [--precision fp32|bf16] [--channels-last] [--steps 5] [--warmup 2] [--data synthetic|demo] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # see benchmarks/method_overhead.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ["OMP_WAIT_POLICY"].lower() == "default":  # measure libgomp's default (spin a while, then sleep)
+    del os.environ["OMP_WAIT_POLICY"]
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from u2pl_scale.config import load_config, queue_capacities  # noqa: E402
+from u2pl_scale.data.transforms import normalize  # noqa: E402
+from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from u2pl_scale.engine.precision import DTYPES, autocast  # noqa: E402
+from u2pl_scale.engine.step import StepConfig, supervised_loss, u2pl_step, upsample  # noqa: E402
+from u2pl_scale.method import (  # noqa: E402
+    ClassQueues,
+    alpha_t,
+    contrastive_inputs,
+    contrastive_loss,
+    cutmix,
+    cutmix_flag,
+    drop_percent,
+    reliability,
+    unsup_loss_from_reliable,
+)
+from u2pl_scale.method import ema  # noqa: E402
+from u2pl_scale.model import build_model  # noqa: E402
+
+PARTS = ("data wait", "teacher forward", "student fwd+bwd", "method work", "optimizer+EMA")
+PROGRESS = 0.1  # epoch / epochs: drop 18 %, alpha_t 18 %
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batches(cfg, batch: int, crop: int, count: int, seed: int = 0):
+    """`count` labeled + unlabeled uint8 batches as the shard stream yields them (channels-last images)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        def image():
+            return torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, generator=gen).contiguous(
+                memory_format=torch.channels_last)
+        label = torch.randint(0, cfg.data.num_classes, (batch, crop, crop), dtype=torch.uint8, generator=gen)
+        label[:, : crop // 16] = cfg.data.ignore_index
+        out.append(({"image": image(), "label": label},
+                    {"image": image(), "valid": torch.ones(batch, crop, crop, dtype=torch.bool)}))
+    while True:
+        yield from out
+
+
+def demo_batches(cfg, batch: int, total_steps: int):
+    from u2pl_scale.data import stream
+
+    loader_l = stream.make_train_loader(cfg.data, "labeled", batch, 0, 1, 0, 0, total_steps)
+    loader_u = stream.make_train_loader(cfg.data, "unlabeled", batch, 0, 1, 0, 0, total_steps)
+    yield from zip(loader_l, loader_u)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "voc_1464.yaml"))
+    parser.add_argument("--backbone", default=None, help="timm name (default resnet101 on GPU, resnet18 on CPU)")
+    parser.add_argument("--crop", type=int, default=None, help="default 513 on GPU, 129 on CPU")
+    parser.add_argument("--batch", type=int, default=2, help="B_l = B_u per step")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per mode (default 3 CPU, 10 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 1 CPU, 3 GPU")
+    parser.add_argument("--data", choices=["synthetic", "demo"], default="synthetic",
+                        help="demo: the shards under shards/demo (6 classes; build them with shards/build.py demo)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+    args.steps = args.steps or (10 if on_gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    backbone = args.backbone or ("resnet101" if on_gpu else "resnet18")
+    crop = args.crop or (513 if on_gpu else 129)
+    overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
+                 f"train.precision={args.precision}"]
+    if args.data == "demo":
+        overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
+                      f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
+    cfg = load_config(args.config, overrides)
+    sc = StepConfig.from_config(cfg)
+    num_classes = cfg.data.num_classes
+    torch.manual_seed(0)
+
+    model = build_model(cfg.model, num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
+    total_steps = 2 * (args.steps + args.warmup) + 1
+    scheduler = build_scheduler(optimizer, 1000, cfg.optim.poly_power)
+    queue_dtype = DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.method.contrastive.queue_dtype]]
+    queues = ClassQueues(num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device, dtype=queue_dtype)
+    queues.buffer.normal_()  # steady state: full queues of unit rows
+    queues.buffer.div_(queues.buffer.norm(dim=1, keepdim=True))
+    queues.fill.copy_(queues.capacities)
+    autocast_ctx = lambda: autocast(args.precision, device)  # noqa: E731
+    batches = (demo_batches(cfg, args.batch, total_steps) if args.data == "demo"
+               else synthetic_batches(cfg, args.batch, crop, 4))
+    steps_since_copy = 0
+
+    def prepare(batch_l, batch_u):
+        x_l = normalize(batch_l["image"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std, args.channels_last)
+        y_l = batch_l["label"].to(device, non_blocking=True).long()
+        x_u = normalize(batch_u["image"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std, args.channels_last)
+        valid_u = batch_u["valid"].to(device, non_blocking=True)
+        return x_l, y_l, x_u, valid_u
+
+    def optimizer_and_ema():
+        nonlocal steps_since_copy
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        ema.update_(teacher, model, steps_since_copy, cfg.method.ema_decay)
+        steps_since_copy += 1
+
+    # ---------------------------------------------------------------- total: the real step, no inner syncs
+    def real_step():
+        batch_l, batch_u = next(batches)
+        x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
+        terms = u2pl_step(sc, model, teacher, queues, x_l, y_l, x_u, valid_u, PROGRESS, autocast_ctx)
+        terms["loss"].backward()
+        optimizer_and_ema()
+
+    # ---------------------------------------------------------------- breakdown: same work, timed parts
+    def timed_step(times: dict):
+        def mark(name, start):
+            sync(device)
+            now = time.perf_counter()
+            times.setdefault(name, []).append(now - start)
+            return now
+
+        sync(device)
+        t = time.perf_counter()
+        batch_l, batch_u = next(batches)
+        x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
+        t = mark("data wait", t)
+
+        b_l = x_l.shape[0]
+        crop_hw = x_l.shape[-2:]
+        ignore = sc.ignore_index
+        teacher.eval()
+        with torch.no_grad(), autocast_ctx():
+            prob_u = torch.softmax(upsample(teacher(x_u)["pred"].float(), crop_hw), dim=1)
+        conf_u, pseudo_u = prob_u.max(dim=1)
+        pseudo_u = torch.where(valid_u, pseudo_u, torch.full_like(pseudo_u, ignore))
+        apply = cutmix_flag(sc.cutmix_prob, device=x_u.device)
+        x_u, pseudo_u, conf_u = cutmix(x_u, pseudo_u, conf_u, apply=apply)
+        teacher.train()
+        x_all = torch.cat([x_l, x_u])
+        with torch.no_grad(), autocast_ctx():
+            out_t = teacher(x_all)
+        pred_t, rep_t = out_t["pred"].float(), out_t["rep"].float()
+        prob_t = torch.softmax(pred_t, dim=1)
+        logits_u_t = upsample(pred_t[b_l:], crop_hw)
+        t = mark("teacher forward", t)
+
+        with autocast_ctx():
+            out = model(x_all)
+        pred, rep = out["pred"].float(), out["rep"].float()
+        aux = out.get("aux")
+        sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
+        t = mark("student fwd+bwd", t)  # forward part; the backward is added below
+
+        pred_leaf = pred.detach().requires_grad_()
+        rep_leaf = rep.detach().requires_grad_()
+        rel = reliability(logits_u_t, pseudo_u, drop_percent(PROGRESS, sc.drop_percent_start),
+                          alpha_t(PROGRESS, sc.low_entropy_start), ignore_index=ignore)
+        unsup = unsup_loss_from_reliable(upsample(pred_leaf[b_l:], crop_hw), rel.reliable_labels, rel.kept_count,
+                                         ignore_index=ignore)
+        labels_small, low_small, high_small = contrastive_inputs(y_l, pseudo_u, rel.low_mask, rel.high_mask,
+                                                                 rep_leaf.shape[-2:], ignore_index=ignore)
+        contra = contrastive_loss(rep_leaf, rep_t, prob_t, labels_small, low_small, high_small, b_l, queues,
+                                  anchor_threshold=sc.anchor_threshold, negative_threshold=sc.negative_threshold,
+                                  low_rank=sc.low_rank, high_rank=sc.high_rank, num_anchors=sc.num_anchors,
+                                  num_negatives=sc.num_negatives, temperature=sc.temperature).loss
+        (sc.unsup_weight * unsup + sc.contra_weight * contra).backward()
+        t = mark("method work", t)
+
+        torch.autograd.backward([sup, pred, rep], [None, pred_leaf.grad, rep_leaf.grad])
+        start = t
+        t = mark("student fwd+bwd (backward)", t)
+        times["student fwd+bwd"][-1] += t - start
+        times.pop("student fwd+bwd (backward)")
+
+        optimizer_and_ema()
+        mark("optimizer+EMA", t)
+
+    # sync counting (GPU): warnings from set_sync_debug_mode during the real steps
+    for _ in range(args.warmup):
+        real_step()
+    sync(device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    totals, cpu_totals = [], []
+    syncs = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("warn")
+        for _ in range(args.steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            real_step()
+            if on_gpu:
+                torch.cuda.set_sync_debug_mode(0)
+            sync(device)  # the timing sync, outside the counted region
+            if on_gpu:
+                torch.cuda.set_sync_debug_mode("warn")
+            totals.append(time.perf_counter() - start)
+            cpu_totals.append(time.process_time() - cpu_start)
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode(0)
+            syncs = sum("synchroniz" in str(w.message).lower() for w in caught) / args.steps
+    peak = (torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+    times: dict = {}
+    for _ in range(args.warmup):
+        timed_step({})
+    for _ in range(args.steps):
+        timed_step(times)
+
+    median = {name: statistics.median(times[name]) for name in PARTS}
+    parts_sum = sum(median.values())
+    total = statistics.median(totals)
+    images = 2 * args.batch
+    where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
+    print(f"U2PL step breakdown: {backbone}, crop {crop}, {args.batch} + {args.batch} images, {num_classes} classes, "
+          f"{args.precision}, {'channels-last' if args.channels_last else 'contiguous'}, data {args.data}, {where}; "
+          f"median of {args.steps} steps; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
+    print()
+    print("| part | ms | % of parts |")
+    print("| --- | --- | --- |")
+    for name in PARTS:
+        print(f"| {name} | {1000 * median[name]:.1f} | {100 * median[name] / parts_sum:.1f} |")
+    print(f"| sum of parts (breakdown mode, synced between parts) | {1000 * parts_sum:.1f} | 100.0 |")
+    print(f"| real step (u2pl_step, no inner syncs) | {1000 * total:.1f} | |")
+    print()
+    print("| metric | value |")
+    print("| --- | --- |")
+    print(f"| method work, % of step | {100 * median['method work'] / parts_sum:.1f} |")
+    print(f"| images/s (real step) | {images / total:.2f} |")
+    print(f"| process CPU s per real step | {statistics.median(cpu_totals):.3f} |")
+    print(f"| peak memory | {peak:.2f} GiB ({'max_memory_allocated' if on_gpu else 'ru_maxrss, whole process'}) |")
+    if on_gpu:
+        print(f"| host-device syncs per real step | {syncs:g} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The fused / compact CPU paths of the method core against the plain PyTorch formulations they replace."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# the package re-exports functions named like its modules (reliability), so import the modules explicitly
+contrastive = importlib.import_module("u2pl_scale.method.contrastive")
+reliability = importlib.import_module("u2pl_scale.method.reliability")
+from u2pl_scale.method.losses import _ce_sum, unsup_loss_from_reliable
+from u2pl_scale.method.queues import ClassQueues
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few rows so that every loop runs several blocks, with a ragged last one."""
+    monkeypatch.setattr(reliability, "CPU_CHUNK_ELEMENTS", 5 * 7 * 3)
+    monkeypatch.setattr(contrastive, "_CPU_CHUNK_BYTES", 3 * 4 * 6 * 4)
+
+
+def test_chunked_entropy_matches_whole_tensor_formula(small_chunks):
+    logits = 4 * torch.randn(2, 5, 11, 7, generator=torch.Generator().manual_seed(0))
+    expected = reliability.entropy(torch.softmax(logits, dim=1))
+    assert torch.allclose(reliability.entropy_from_logits(logits), expected, atol=1e-6)
+
+
+def test_fused_unsup_ce_matches_cross_entropy_value_and_gradient(small_chunks):
+    gen = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(2, 5, 11, 7, generator=gen)).requires_grad_()
+    target = torch.randint(0, 5, (2, 11, 7), generator=gen)
+    target[0, :4] = 255
+    target[1, 3, 2:] = 255
+    kept = (target != 255).sum()
+    fused = unsup_loss_from_reliable(logits, target, kept)
+    (grad_fused,) = torch.autograd.grad(3 * fused, logits)
+    reference = (2 * 11 * 7 / kept.float()) * (_ce_sum(logits, target, 255) / kept.float())
+    (grad_reference,) = torch.autograd.grad(3 * reference, logits)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(grad_fused, grad_reference, atol=1e-7)
+    assert torch.equal(grad_fused[0, :, :4], torch.zeros_like(grad_fused[0, :, :4]))
+
+
+def test_rank_masks_follow_a_stable_sort_with_ties():
+    prob = torch.tensor([[0.3, 0.3, 0.1, 0.3, 0.0, 0.0]]).reshape(1, 6, 1)  # ties at the top and the bottom
+    prob = torch.cat([prob, torch.softmax(torch.randn(4, 6, 1), 1)])
+    keys = contrastive._rank_keys(prob)
+    order = torch.sort(prob, dim=1, descending=True, stable=True).indices  # ties: lower class first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(6)[None, :, None].expand_as(order))
+    for k in range(7):
+        assert torch.equal(contrastive._top_mask(keys, k, largest=True), rank < k), k
+        assert torch.equal(contrastive._top_mask(keys, k, largest=False), rank >= 6 - k), k
+
+
+def test_anchor_sampling_from_labels_picks_the_same_pixels_as_the_running_count():
+    gen = torch.Generator().manual_seed(2)
+    anchor_label = torch.randint(0, 5, (200,), generator=gen)  # 4 = no class; class 3 made empty below
+    anchor_label[anchor_label == 3] = 4
+    mask = anchor_label[None, :] == torch.arange(4)[:, None]
+    index, count = contrastive.sample_anchor_index(mask, 9, torch.Generator().manual_seed(5))
+    index2, count2 = contrastive.sample_anchor_index_from_labels(anchor_label, 4, 9, torch.Generator().manual_seed(5))
+    assert torch.equal(count.long(), count2)
+    assert torch.equal(index[:3], index2[:3])  # class 3 has no candidate: any index, the class is unused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_anchor_loss_matches_unfused_autograd(small_chunks, dtype):
+    gen = torch.Generator().manual_seed(3)
+    num_classes, num_anchors, num_negatives, dim = 3, 4, 6, 8
+    queues = ClassQueues(num_classes, dim, [10, 7, 9], dtype=dtype)
+    queues.buffer.copy_(F.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
+    queues.fill.copy_(queues.capacities)
+    index, _ = queues.sample_indices(num_anchors * num_negatives, generator=gen)
+    anchors = F.normalize(torch.randn(num_classes, num_anchors, dim, generator=gen), dim=2).requires_grad_()
+    prototypes = F.normalize(torch.randn(num_classes, dim, generator=gen), dim=1)
+    weights = torch.rand(num_classes, num_anchors, generator=gen)
+
+    fused = contrastive._AnchorLoss.apply(anchors, prototypes, queues.buffer, index, 0.5)
+    (grad_fused,) = torch.autograd.grad((fused * weights).sum(), anchors)
+
+    negatives = queues.buffer[index.reshape(-1)].reshape(num_classes * num_anchors, num_negatives, dim)
+    flat = anchors.reshape(-1, dim, 1)
+    dots = torch.bmm(negatives, flat.to(dtype)).float()[:, :, 0]
+    positive = (anchors * prototypes[:, None, :]).sum(-1).reshape(-1, 1)
+    logits = torch.cat([positive, dots], dim=1) / 0.5
+    reference = (torch.logsumexp(logits, dim=1) - logits[:, 0]).reshape(num_classes, num_anchors)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), anchors)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(fused, reference, atol=tol)
+    assert torch.allclose(grad_fused, grad_reference, atol=tol)
+
+
+def test_radix_select_equals_sorting():
+    gen = torch.Generator().manual_seed(4)
+    values = torch.cat([torch.randn(5000, generator=gen), torch.zeros(300), torch.full((7,), float("inf")),
+                        -torch.rand(100, generator=gen) * 1e-30, torch.tensor([-0.0, 1e38, -1e38])])
+    keys = reliability._order_keys(values)
+    positions = torch.tensor([0, 1, 2500, 2501, 5000, 5100, 5409, 5409, 4999])
+    assert torch.equal(reliability._select_keys_cpu(keys, positions), torch.sort(keys).values[positions])
