@@ -1,6 +1,7 @@
 """Shared fixtures. The demo shards are built once, at the default location the demo config reads."""
 from pathlib import Path
 
+import u2pl_scale  # noqa: F401  (sets the CPU threading environment before torch loads)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
