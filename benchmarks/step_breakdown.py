@@ -53,18 +53,15 @@ from u2pl_scale.config import load_config, queue_capacities  # noqa: E402
 from u2pl_scale.data.transforms import normalize  # noqa: E402
 from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from u2pl_scale.engine.precision import DTYPES, autocast  # noqa: E402
-from u2pl_scale.engine.step import StepConfig, supervised_loss, u2pl_step, upsample  # noqa: E402
-from u2pl_scale.method import (  # noqa: E402
-    ClassQueues,
-    alpha_t,
-    contrastive_inputs,
-    contrastive_loss,
-    cutmix,
-    cutmix_flag,
-    drop_percent,
-    reliability,
-    unsup_loss_from_reliable,
+from u2pl_scale.engine.step import (  # noqa: E402
+    StepConfig,
+    method_losses,
+    pseudo_labels,
+    supervised_loss,
+    teacher_targets,
+    u2pl_step,
 )
+from u2pl_scale.method import ClassQueues  # noqa: E402
 from u2pl_scale.method import ema  # noqa: E402
 from u2pl_scale.model import build_model  # noqa: E402
 
@@ -192,22 +189,9 @@ def main() -> None:
         t = mark("data wait", t)
 
         b_l = x_l.shape[0]
-        crop_hw = x_l.shape[-2:]
-        ignore = sc.ignore_index
-        teacher.eval()
-        with torch.no_grad(), autocast_ctx():
-            prob_u = torch.softmax(upsample(teacher(x_u)["pred"].float(), crop_hw), dim=1)
-        conf_u, pseudo_u = prob_u.max(dim=1)
-        pseudo_u = torch.where(valid_u, pseudo_u, torch.full_like(pseudo_u, ignore))
-        apply = cutmix_flag(sc.cutmix_prob, device=x_u.device)
-        x_u, pseudo_u, conf_u = cutmix(x_u, pseudo_u, conf_u, apply=apply)
-        teacher.train()
+        x_u, pseudo_u = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx)
         x_all = torch.cat([x_l, x_u])
-        with torch.no_grad(), autocast_ctx():
-            out_t = teacher(x_all)
-        pred_t, rep_t = out_t["pred"].float(), out_t["rep"].float()
-        prob_t = torch.softmax(pred_t, dim=1)
-        logits_u_t = upsample(pred_t[b_l:], crop_hw)
+        prob_t, rep_t, logits_u_t = teacher_targets(teacher, x_all, b_l, autocast_ctx)
         t = mark("teacher forward", t)
 
         with autocast_ctx():
@@ -217,18 +201,11 @@ def main() -> None:
         sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
         t = mark("student fwd+bwd", t)  # forward part; the backward is added below
 
+        # the method's losses on leaf copies of the student's outputs, so their backward stops there
         pred_leaf = pred.detach().requires_grad_()
         rep_leaf = rep.detach().requires_grad_()
-        rel = reliability(logits_u_t, pseudo_u, drop_percent(PROGRESS, sc.drop_percent_start),
-                          alpha_t(PROGRESS, sc.low_entropy_start), ignore_index=ignore)
-        unsup = unsup_loss_from_reliable(upsample(pred_leaf[b_l:], crop_hw), rel.reliable_labels, rel.kept_count,
-                                         ignore_index=ignore)
-        labels_small, low_small, high_small = contrastive_inputs(y_l, pseudo_u, rel.low_mask, rel.high_mask,
-                                                                 rep_leaf.shape[-2:], ignore_index=ignore)
-        contra = contrastive_loss(rep_leaf, rep_t, prob_t, labels_small, low_small, high_small, b_l, queues,
-                                  anchor_threshold=sc.anchor_threshold, negative_threshold=sc.negative_threshold,
-                                  low_rank=sc.low_rank, high_rank=sc.high_rank, num_anchors=sc.num_anchors,
-                                  num_negatives=sc.num_negatives, temperature=sc.temperature).loss
+        unsup, contra, _ = method_losses(sc, pred_leaf, rep_leaf, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
+                                         PROGRESS)
         (sc.unsup_weight * unsup + sc.contra_weight * contra).backward()
         t = mark("method work", t)
 

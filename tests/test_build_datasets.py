@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from u2pl_scale.data import datasets
 from u2pl_scale.data.datasets import DatasetError
 from u2pl_scale.data.writer import ShardWriteError
+from shard_helpers import read_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,16 +36,6 @@ def _save_mask(path: Path, mask: np.ndarray, palette: bool = False) -> None:
         image.putpalette(colours.ravel().tolist())
         image.putdata(mask.ravel().tolist())
     image.save(path)
-
-
-def _read_set(set_dir: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(set_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, extension = member.name.split(".", 1)
-                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return samples
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -88,17 +78,17 @@ def test_voc_splits_masks_and_passthrough(voc_root, tmp_path):
     assert {split: m["num_samples"] for split, m in manifests.items()} == {"labeled": 2, "unlabeled": 3, "val": 2}
     assert manifests["val"]["num_classes"] == 21 and manifests["val"]["class_names"][15] == "person"
 
-    labeled = _read_set(tmp_path / "out" / "labeled")
+    labeled = read_set(tmp_path / "out" / "labeled")
     assert sorted(labeled) == ["a", "b"]
     assert labeled["a"]["jpg"] == (voc_root / "JPEGImages" / "a.jpg").read_bytes()  # no re-encoding
     expected_b = np.full((6, 8), 1, dtype=np.uint8)
     expected_b[0] = 255
     assert np.array_equal(_decode(labeled["b"]["seg.png"]), expected_b)
 
-    unlabeled = _read_set(tmp_path / "out" / "unlabeled")
+    unlabeled = read_set(tmp_path / "out" / "unlabeled")
     assert sorted(unlabeled) == ["c", "d", "e"] and all(set(m) == {"jpg"} for m in unlabeled.values())
 
-    val = _read_set(tmp_path / "out" / "val")
+    val = read_set(tmp_path / "out" / "val")
     v1 = _decode(val["v1"]["seg.png"])
     assert v1[2, 3] == 15 and v1[1, 3] == 255 and v1[0, 0] == 0 and v1.dtype == np.uint8
     assert np.array_equal(_decode(val["v2"]["seg.png"]), np.full((6, 8), 20))
@@ -140,15 +130,15 @@ def test_cityscapes_label_ids_become_train_ids(tmp_path):
     source = datasets.cityscapes_source(root, tmp_path / "labeled.txt")
     manifests = datasets.build_dataset(source, tmp_path / "out", workers=2, progress=False)
     assert {split: m["num_samples"] for split, m in manifests.items()} == {"labeled": 1, "unlabeled": 2, "val": 1}
-    labeled = _read_set(tmp_path / "out" / "labeled")
+    labeled = read_set(tmp_path / "out" / "labeled")
     # label id 0 (unlabeled) -> 255, 7 road -> 0, 26 car -> 13, 33 bicycle -> 18, 24 person -> 11,
     # 6 ground -> 255, 11 building -> 2, 1 ego vehicle -> 255
     assert np.array_equal(_decode(labeled["aachen_000000_000019"]["seg.png"]),
                           [[255, 0, 13, 18], [11, 255, 2, 255]])
     assert labeled["aachen_000000_000019"]["png"] == (
         root / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png").read_bytes()
-    assert sorted(_read_set(tmp_path / "out" / "unlabeled")) == ["aachen_000001_000019", "bochum_000000_000100"]
-    val = _read_set(tmp_path / "out" / "val")
+    assert sorted(read_set(tmp_path / "out" / "unlabeled")) == ["aachen_000001_000019", "bochum_000000_000100"]
+    val = read_set(tmp_path / "out" / "val")
     assert np.array_equal(_decode(val["frankfurt_000000_000294"]["seg.png"]), [[1, 1, 10, 10], [17, 16, 255, 255]])
     assert manifests["val"]["num_classes"] == 19 and manifests["val"]["class_names"][13] == "car"
 
@@ -231,7 +221,7 @@ def test_coco_rasterises_polygon_rle_and_crowd(tmp_path):
     # categories sorted by id: person (1) -> 1, car (3) -> 2, toothbrush (90) -> 3
     assert manifests["labeled"]["class_names"] == ["background", "person", "car", "toothbrush"]
 
-    labeled = _read_set(tmp_path / "out" / "labeled")
+    labeled = read_set(tmp_path / "out" / "labeled")
     expected = np.zeros((10, 12), dtype=np.uint8)
     expected[4:10, 5:12] = 255  # crowd, where no single object lies
     expected[2:6, 2:6] = 2  # polygon square (2,2)-(6,6): pixels 2..5, its area of 16
@@ -241,8 +231,8 @@ def test_coco_rasterises_polygon_rle_and_crowd(tmp_path):
     assert np.array_equal(_decode(gray["seg.png"]), np.zeros((10, 12)))  # no annotations: all background
     assert _decode(gray["jpg"]).shape == (10, 12, 3)  # grayscale JPEG stored as RGB
 
-    assert sorted(_read_set(tmp_path / "out" / "unlabeled")) == ["000000000003", "000000100000"]
-    val_mask = _decode(_read_set(tmp_path / "out" / "val")["000000000010"]["seg.png"])
+    assert sorted(read_set(tmp_path / "out" / "unlabeled")) == ["000000000003", "000000100000"]
+    val_mask = _decode(read_set(tmp_path / "out" / "val")["000000000010"]["seg.png"])
     expected_val = np.zeros((10, 12), dtype=np.uint8)
     expected_val[8:10, 10:12] = 3
     assert np.array_equal(val_mask, expected_val)
@@ -300,11 +290,11 @@ def test_folder_ignore_index_and_keys(folder_tree, tmp_path):
     manifests = datasets.build_dataset(source, tmp_path / "out", max_count=1, progress=False)
     assert {split: m["num_samples"] for split, m in manifests.items()} == {"labeled": 2, "unlabeled": 2, "val": 1}
     assert len(manifests["labeled"]["shards"]) == 2 and manifests["labeled"]["dataset"] == "custom"
-    labeled = _read_set(tmp_path / "out" / "labeled")
+    labeled = read_set(tmp_path / "out" / "labeled")
     assert sorted(labeled) == ["a", "c_v2"]  # the dot would split a WebDataset key
     assert np.array_equal(_decode(labeled["a"]["seg.png"]), [[0, 1, 2, 255, 0, 0, 0]] * 5)
     assert manifests["labeled"]["class_pixel_histogram"] == [20, 5, 5]
-    assert set(_read_set(tmp_path / "out" / "unlabeled")["u2"]) == {"png"}
+    assert set(read_set(tmp_path / "out" / "unlabeled")["u2"]) == {"png"}
 
 
 def _binary_tree(tmp_path: Path) -> Path:

@@ -5,7 +5,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,9 @@ import pytest
 from PIL import Image
 
 from u2pl_scale.data.demo import CLASS_NAMES, build_demo, demo_manifest_paths, generate_sample
+from shard_helpers import read_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _read_set(set_dir: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: bytes} over every shard of a set, read with tarfile only."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(set_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, extension = member.name.split(".", 1)
-                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return samples
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +39,9 @@ def test_default_demo_counts_and_manifests(default_demo):
 
 def test_unlabeled_has_no_masks_and_labeled_sets_split_the_train_images(default_demo):
     out, _ = default_demo
-    unlabeled = _read_set(out / "unlabeled")
+    unlabeled = read_set(out / "unlabeled")
     assert all(set(members) == {"png"} for members in unlabeled.values())
-    labeled, full = _read_set(out / "labeled"), _read_set(out / "full_labeled")
+    labeled, full = read_set(out / "labeled"), read_set(out / "full_labeled")
     assert set(labeled).isdisjoint(unlabeled) and set(labeled) | set(unlabeled) == set(full)
     key = sorted(unlabeled)[0]
     assert unlabeled[key]["png"] == full[key]["png"]
@@ -62,7 +51,7 @@ def test_histogram_matches_decoded_masks_and_every_class_occurs(default_demo):
     out, manifests = default_demo
     for name in ("labeled", "val", "full_labeled"):
         counts = np.zeros(6, dtype=np.int64)
-        for key, members in _read_set(out / name).items():
+        for key, members in read_set(out / name).items():
             mask = np.array(Image.open(io.BytesIO(members["seg.png"])))
             image = np.array(Image.open(io.BytesIO(members["png"])))
             assert image.shape == (32, 32, 3) and mask.shape == (32, 32)

@@ -1,7 +1,6 @@
 """A corrupt image in a labeled shard: skipped and counted in the logs and summary.json, or an error naming it."""
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 

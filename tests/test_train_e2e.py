@@ -1,7 +1,5 @@
 """End-to-end runs of the one training function on the demo shards (single process, 2 gloo ranks, resume)."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -82,47 +82,39 @@ def supervised_step(sc: StepConfig, student, x_l: torch.Tensor, y_l: torch.Tenso
     return {"loss": loss, "sup": sup.detach(), "unsup": zero, "contra": zero, "reliable": zero}
 
 
-def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, progress: float, autocast_ctx,
-              generator: torch.Generator | None = None) -> dict:
-    """The semi-supervised step (spec §3); `progress` = epoch / epochs drives both schedules."""
-    b_l = x_l.shape[0]
-    crop = x_l.shape[-2:]
-    ignore = sc.ignore_index
-
-    # 2. pseudo-labels from the teacher in eval mode on the weakly augmented unlabeled batch
+def pseudo_labels(sc: StepConfig, teacher, x_u, valid_u, autocast_ctx, generator=None):
+    """Steps 2-3: teacher (eval mode) argmax on the weakly augmented unlabeled batch, then CutMix of images and
+    pseudo-labels (and confidence) with one box per image, for the whole batch with probability cutmix_prob."""
     teacher.eval()
     with torch.no_grad(), autocast_ctx():
-        prob_u = torch.softmax(upsample(teacher(x_u)["pred"].float(), crop), dim=1)
+        prob_u = torch.softmax(upsample(teacher(x_u)["pred"].float(), x_u.shape[-2:]), dim=1)
     conf_u, pseudo_u = prob_u.max(dim=1)
-    pseudo_u = torch.where(valid_u, pseudo_u, torch.full_like(pseudo_u, ignore))
-
-    # 3. CutMix for the whole batch with probability cutmix_prob
+    pseudo_u = torch.where(valid_u, pseudo_u, torch.full_like(pseudo_u, sc.ignore_index))
     apply = cutmix_flag(sc.cutmix_prob, generator=generator, device=x_u.device)
-    x_u, pseudo_u, conf_u = cutmix(x_u, pseudo_u, conf_u, apply=apply, generator=generator)
+    x_u, pseudo_u, _ = cutmix(x_u, pseudo_u, conf_u, apply=apply, generator=generator)
+    return x_u, pseudo_u
 
-    # 4-5. student on labeled + mixed unlabeled, supervised loss
-    teacher.train()  # published: the teacher's second forward runs in train mode (its BN stats move)
-    x_all = torch.cat([x_l, x_u])
-    with autocast_ctx():
-        out = student(x_all)
-    pred, rep = out["pred"].float(), out["rep"].float()
-    aux = out.get("aux")
-    sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
 
-    # 6. teacher on the same batch, no grad
+def teacher_targets(teacher, x_all, num_labeled: int, autocast_ctx):
+    """Step 6: teacher forward on the student's batch, no grad, in train mode as published (its BN statistics
+    move) -> stride-4 probabilities, stride-4 features, and the unlabeled logits at crop size."""
+    teacher.train()
     with torch.no_grad(), autocast_ctx():
         out_t = teacher(x_all)
-    pred_t, rep_t = out_t["pred"].float(), out_t["rep"].float()
-    prob_t = torch.softmax(pred_t, dim=1)
-    logits_u_t = upsample(pred_t[b_l:], crop)
+    pred_t = out_t["pred"].float()
+    return torch.softmax(pred_t, dim=1), out_t["rep"].float(), upsample(pred_t[num_labeled:], x_all.shape[-2:])
 
-    # 7a. reliable pseudo-labels and entropy masks from one on-device sort; unsupervised loss (spec §4)
+
+def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress: float,
+                  generator=None):
+    """Step 7: reliable pseudo-labels and entropy masks from one on-device sort, the unsupervised loss (spec §4)
+    and the contrastive loss with unreliable pixels as negatives, queues updated (spec §6)."""
+    b_l = y_l.shape[0]
+    ignore = sc.ignore_index
     rel = reliability(logits_u_t, pseudo_u, drop_percent(progress, sc.drop_percent_start),
-                                  alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
-    unsup = unsup_loss_from_reliable(upsample(pred[b_l:], crop), rel.reliable_labels, rel.kept_count,
-                                            ignore_index=ignore)
-
-    # 7b. contrastive loss with unreliable pixels as negatives (spec §6)
+                      alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
+    unsup = unsup_loss_from_reliable(upsample(pred[b_l:], y_l.shape[-2:]), rel.reliable_labels, rel.kept_count,
+                                     ignore_index=ignore)
     if sc.contra_enabled:
         labels_small, low_small, high_small = contrastive_inputs(
             y_l, pseudo_u, rel.low_mask, rel.high_mask, rep.shape[-2:], ignore_index=ignore)
@@ -133,8 +125,28 @@ def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, 
             temperature=sc.temperature, generator=generator).loss
     else:
         contra = 0.0 * rep.sum()
+    return unsup, contra, rel.reliable_ratio
 
+
+def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, progress: float, autocast_ctx,
+              generator: torch.Generator | None = None) -> dict:
+    """The semi-supervised step (spec §3); `progress` = epoch / epochs drives both schedules."""
+    b_l = x_l.shape[0]
+    # 2-3. pseudo-labels, CutMix
+    x_u, pseudo_u = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx, generator)
+    # 4-5. student on labeled + mixed unlabeled, supervised loss
+    x_all = torch.cat([x_l, x_u])
+    with autocast_ctx():
+        out = student(x_all)
+    pred, rep = out["pred"].float(), out["rep"].float()
+    aux = out.get("aux")
+    sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
+    # 6. teacher on the same batch
+    prob_t, rep_t, logits_u_t = teacher_targets(teacher, x_all, b_l, autocast_ctx)
+    # 7. unsupervised and contrastive losses
+    unsup, contra, reliable = method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
+                                            progress, generator)
     # 8. total loss
     loss = sup + sc.unsup_weight * unsup + sc.contra_weight * contra
     return {"loss": loss, "sup": sup.detach(), "unsup": unsup.detach(), "contra": contra.detach(),
-            "reliable": rel.reliable_ratio.detach()}
+            "reliable": reliable.detach()}

@@ -118,11 +118,11 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     scheduler = build_scheduler(optimizer, total, cfg.optim.poly_power)
     backend = build_backend(cfg, model, optimizer, scheduler, device)
     student = backend.forward_model
+    module = backend.module
     if cfg.train.compile:
         # nn.Module.compile compiles forward in place, so state_dict keys (checkpoints, EMA) are unchanged
         module.compile()
         teacher.compile()
-    module = backend.module
     queues = ClassQueues(cfg.data.num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device,
                          dtype=DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
                              cfg.method.contrastive.queue_dtype]])

@@ -6,7 +6,6 @@ feature (low level), the last feature (ASPP) and, for the optional auxiliary hea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import timm
 import torch
