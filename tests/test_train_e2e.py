@@ -71,16 +71,38 @@ def test_supervised_only_method(demo_shards, tmp_path):
     assert {m["phase"] for m in read_metrics(run_dir) if m["kind"] == "train"} == {"sup-only"}
 
 
-def test_two_gloo_ranks_through_the_local_launcher(demo_shards, tmp_path):
+def test_two_gloo_ranks_two_workers_on_uneven_shards(demo_shards, tmp_path):
+    """2 ranks x 2 loader workers over an odd number of unlabeled shards: both ranks run every step (no hang)."""
+    unlabeled = json.loads((demo_shards / "unlabeled" / "manifest.json").read_text())
+    assert len(unlabeled["shards"]) % 2 == 1  # 15 shards cannot split evenly over 2 x 2 workers
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, str(REPO / "launchers" / "local.py"), "--nproc", "2", *QUICK,
-           "train.epochs=2", f"train.run_dir={run_dir}"]
+           "train.epochs=2", "data.num_workers=2", f"train.run_dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
     assert summary["derived"]["global_batch_unlabeled"] == 8
+    assert summary["queue_digests"][0] == summary["queue_digests"][1]
     assert "final teacher mIoU" in proc.stdout
+
+
+def test_plain_torchrun_starts_the_same_training(demo_shards, tmp_path):
+    run_dir = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(REPO / "launchers" / "local.py"), *QUICK, "train.epochs=1",
+           f"train.run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_bad_override_stops_with_the_key_named(tmp_path):
