@@ -1,0 +1,63 @@
+"""GPU-only paths: the sync-free queue compaction, no host sync inside the U2PL step, a CUDA training run with
+bf16, channels-last and torch.compile. Skipped without a CUDA device (this project's CI has none)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from u2pl_scale.engine.step import StepConfig, u2pl_step
+from u2pl_scale.method.queues import ClassQueues
+from u2pl_scale.model import build_model
+from u2pl_scale.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_static_queue_push_on_gpu_equals_the_cpu_push():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(500, 8, generator=g)
+    mask = torch.rand(500, 4, generator=g) < 0.3
+    cpu = ClassQueues(4, 8, [50, 60, 70, 80])
+    gpu = ClassQueues(4, 8, [50, 60, 70, 80], device="cuda")
+    assert gpu.compaction == "static"
+    for _ in range(3):
+        cpu.push(features, mask)
+        gpu.push(features.cuda(), mask.cuda())
+    for key, value in cpu.state_dict().items():
+        assert torch.equal(value, gpu.state_dict()[key].cpu()), key
+
+
+def test_u2pl_step_does_not_synchronise_with_the_host():
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["method.contrastive.queue_size=2000"])
+    device = torch.device("cuda")
+    student = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
+    teacher = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
+    queues = ClassQueues(6, cfg.model.rep_dim, 2000, device=device)
+    sc = StepConfig.from_config(cfg)
+    x_l = torch.randn(2, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
+    x_u = torch.randn(2, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
+    y_l = torch.randint(0, 6, (2, 64, 64), device=device)
+    valid = torch.ones(2, 64, 64, dtype=torch.bool, device=device)
+    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.1, ctx)["loss"].backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        terms = u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.1, ctx)
+        terms["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(terms["loss"]).item()
+
+
+@pytest.mark.slow
+def test_cuda_training_run_bf16_channels_last_compiled(demo_shards, tmp_path):
+    from u2pl_scale.engine.trainer import train
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        "train.device=cuda", "train.precision=bf16", "train.channels_last=true", "train.compile=true",
+        "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2", f"train.run_dir={tmp_path}"])
+    summary = train(cfg)
+    assert summary["steps"] == 8 and summary["evaluated_model"] == "teacher"
+    assert json.loads((tmp_path / "summary.json").read_text())["miou"] is not None
