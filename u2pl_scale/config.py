@@ -199,30 +199,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp in (int, float):
+        return _coerce_number(value, tp, key)
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -240,6 +218,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     return value
+
+
+def _coerce_number(value: Any, tp: type, key: str):
+    """int or float from a number or numeric string; bools and fractional values for ints are refused."""
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
