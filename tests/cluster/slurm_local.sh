@@ -120,7 +120,13 @@ start() {
   fi
   start_munge
   write_conf
-  pid_alive "$DIR/slurmctld.pid" || slurmctld || { log "slurmctld failed"; tail -20 "$DIR/slurmctld.log" >&2; exit 4; }
+  if ! pid_alive "$DIR/slurmctld.pid"; then
+    # a fresh controller starts from empty state: jobs saved by an earlier cluster (a killed test session)
+    # would otherwise be resumed and hold the node
+    kill_job_steps
+    rm -rf "$DIR/state" "$DIR/spool" && mkdir -p "$DIR/state" "$DIR/spool"
+  fi
+  pid_alive "$DIR/slurmctld.pid" || slurmctld -c || { log "slurmctld failed"; tail -20 "$DIR/slurmctld.log" >&2; exit 4; }
   pid_alive "$DIR/slurmd.pid" || slurmd -N localhost || { log "slurmd failed"; tail -20 "$DIR/slurmd.log" >&2; exit 4; }
   local state=""
   for _ in $(seq 120); do
@@ -136,9 +142,22 @@ start() {
   exit 4
 }
 
+kill_job_steps() {
+  # job steps (slurmstepd and the tasks under it) outlive the daemons when those are stopped abruptly
+  pkill -TERM -x slurmstepd 2>/dev/null || true
+  sleep 0.5
+  pkill -KILL -x slurmstepd 2>/dev/null || true
+  local pid
+  for pid in $(pgrep -f "$DIR/spool/job" 2>/dev/null); do  # batch scripts of this cluster and their sruns
+    pkill -KILL -P "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+
 stop() {
   # cancel jobs so a later start does not resume stale work, then stop the daemons we started
   timeout 10 scancel --full --quiet --cluster=local -u root >/dev/null 2>&1 || true
+  kill_job_steps
   for name in slurmd slurmctld munged; do
     if pid_alive "$DIR/$name.pid"; then
       kill "$(cat "$DIR/$name.pid")" 2>/dev/null
