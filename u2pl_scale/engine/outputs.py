@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def _palette(num_classes: int) -> np.ndarray:
@@ -110,12 +109,3 @@ class RunOutputs:
         self.tb.close()
         self.metrics_file.close()
 
-
-def summary_pictures_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "val_predictions.png"
-
-
-def to_builtin(x):
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return x

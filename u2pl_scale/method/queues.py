@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from ..dist import all_gather_cat
+
 from .reliability import cpu_single_thread
 
 
@@ -151,9 +153,7 @@ class ClassQueues:
             return
         wire_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
         packed = torch.cat([features.to(wire_dtype), class_mask.to(wire_dtype)], dim=1).contiguous()
-        gathered = [torch.empty_like(packed) for _ in range(world_size)]
-        dist.all_gather(gathered, packed, group=group)
-        everything = torch.cat(gathered, dim=0)
+        everything = all_gather_cat(packed, group=group)  # rank order
         self.push(everything[:, : self.dim], everything[:, self.dim :] > 0.5, max_pairs=max_pairs)
 
     # ---------------------------------------------------------------- sample
