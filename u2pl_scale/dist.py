@@ -222,13 +222,19 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def add_counts(*counts: dict) -> dict:
+    """Sum {name: count} dictionaries, leaving out zero counts."""
+    total: dict = {}
+    for part in counts:
+        for name, n in part.items():
+            if n:
+                total[name] = total.get(name, 0) + int(n)
+    return total
+
+
 def sum_counts(counts: dict) -> dict:
     """Sum {name: int} dictionaries over ranks (outside the step: used for end-of-run reports)."""
-    total: dict = {}
-    for part in gather_objects(dict(counts)):
-        for k, v in part.items():
-            total[k] = total.get(k, 0) + int(v)
-    return total
+    return add_counts(*gather_objects(dict(counts)))
 
 
 def gather_objects(obj) -> list:

@@ -207,11 +207,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                                                 cfg.train.seed, epoch, steps_this_epoch, start_in_epoch)
         progress = epoch / cfg.train.epochs
         batches = zip(loader_l, loader_u) if loader_u is not None else ((b, None) for b in loader_l)
+        loaders = [ld for ld in (loader_l, loader_u) if ld is not None]
         for batch_l, batch_u in batches:
-            for b in (batch_l, batch_u):
-                for reason, n in (b or {}).get("bad", {}).items():
-                    if n:
-                        bad_counts[reason] = bad_counts.get(reason, 0) + int(n)
             x_l, y_l = prepare(batch_l)
             semi = not supervised_only and step >= derived.sup_only_steps
             if semi and not semi_started:
@@ -239,8 +236,9 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 metrics.update(lr=backend.lr, epoch=epoch, phase="u2pl" if semi else "sup-only",
                                images_per_s=images_seen * world / max(1e-9, now - t_loop),
                                step_s=(now - t_log) / cfg.train.log_interval)
-                if bad_counts:
-                    metrics["bad_samples"] = dict(bad_counts)
+                skipped = dist.add_counts(bad_counts, *(ld.bad_counts for ld in loaders))  # this epoch's so far
+                if skipped:
+                    metrics["bad_samples"] = skipped
                 t_log = now
                 out.log(step, metrics)
                 hooks.on_log(step, metrics)
@@ -253,6 +251,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 break
             if step >= total:
                 break
+        bad_counts = dist.add_counts(bad_counts, *(ld.bad_counts for ld in loaders))  # skipped in this epoch's pass
         epoch_done = step % spe == 0 or step >= total
         if epoch_done and not stopped:
             if (epoch + 1) % cfg.eval.interval_epochs == 0 or step >= total:
