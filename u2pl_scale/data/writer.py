@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from u2pl_scale.atomic import write_json_atomic
+
 FORMAT = "u2pl-shards/1"
 IGNORE_INDEX = 255
 SPLITS = ("labeled", "unlabeled", "val")
@@ -181,12 +183,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 class ShardSetWriter:
     """Write one split (labeled / unlabeled / val) of a dataset as size-bounded tar shards plus manifest.json.
 
@@ -306,7 +302,7 @@ class ShardSetWriter:
         if self.has_masks:
             manifest["class_pixel_histogram"] = self._histogram.tolist()
         manifest["image_size_range"] = {"min": self._min_size, "max": self._max_size}
-        _write_json_atomic(self.out_dir / "manifest.json", manifest)
+        write_json_atomic(self.out_dir / "manifest.json", manifest)
         self.manifest = manifest
         return manifest
 

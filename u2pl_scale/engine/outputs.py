@@ -3,10 +3,11 @@ predictions and summary.json. Other ranks get a writer that does nothing."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 
 def _palette(num_classes: int) -> np.ndarray:
@@ -24,15 +25,6 @@ def _palette(num_classes: int) -> np.ndarray:
     return pal
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_prediction_grid(path: Path, pictures: list, num_classes: int) -> None:
     """One row per val image: image | ground truth | prediction."""
     from PIL import Image
@@ -48,9 +40,8 @@ def save_prediction_grid(path: Path, pictures: list, num_classes: int) -> None:
         row = np.concatenate([img, gt, pr], axis=1)
         pad = 3 * width - row.shape[1]
         rows.append(np.pad(row, ((0, 2), (0, pad), (0, 0))))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
 
 
 class RunOutputs:
@@ -71,9 +62,8 @@ class RunOutputs:
 
     def write_config(self, text: str) -> None:
         if self.enabled:
-            tmp = self.run_dir / ".config.yaml.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.run_dir / "config.yaml")
+            with atomic_path(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(text)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..atomic import atomic_path, write_json_atomic
 from ..config import Config, derive, queue_capacities, to_yaml
 from ..data import stream
 from ..data.transforms import normalize
@@ -26,7 +27,7 @@ from .backends import build_backend
 from .evaluate import evaluate
 from .hooks import TrainHooks
 from .optim import build_optimizer, build_scheduler
-from .outputs import RunOutputs, save_prediction_grid, write_json_atomic
+from .outputs import RunOutputs, save_prediction_grid
 from .precision import DTYPES, autocast
 from .step import StepConfig, supervised_step, u2pl_step
 
@@ -180,13 +181,15 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         if result["miou"] > best_miou:
             best_miou = result["miou"]
             if main:
-                tmp = run_dir / ".best.pt.tmp"
-                torch.save({"model": eval_model.state_dict(), "step": step, "miou": best_miou}, tmp)
-                tmp.replace(run_dir / "best.pt")
+                with atomic_path(run_dir / "best.pt") as tmp:
+                    torch.save({"model": eval_model.state_dict(), "step": step, "miou": best_miou}, tmp)
         out.log(step, {"miou": result["miou"], "best_miou": best_miou}, prefix="val")
         out.message(f"[u2pl] step {step}: {result['model']} mIoU {100 * result['miou']:.2f} "
                     f"({result['eval_mode']})")
         return result
+
+    def at_epoch_end() -> bool:
+        return step % spe == 0 or step >= total
 
     meter = _Meter()
     val_bad: dict[str, int] = {}
@@ -242,8 +245,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 t_log = now
                 out.log(step, metrics)
                 hooks.on_log(step, metrics)
-            epoch_end = step % spe == 0 or step >= total  # saved below, after the evaluation
-            if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and not epoch_end:
+            # an epoch end is saved below, after the evaluation
+            if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and not at_epoch_end():
                 save({"step": step})
             # ranks must agree to stop at the same step (the checkpoint is collective): ask on log steps only
             if step % cfg.train.log_interval == 0 and dist.any_rank(hooks.should_stop(), device):
@@ -252,8 +255,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
             if step >= total:
                 break
         bad_counts = dist.add_counts(bad_counts, *(ld.bad_counts for ld in loaders))  # skipped in this epoch's pass
-        epoch_done = step % spe == 0 or step >= total
-        if epoch_done and not stopped:
+        if at_epoch_end() and not stopped:
             if (epoch + 1) % cfg.eval.interval_epochs == 0 or step >= total:
                 last_eval = run_eval(cfg.eval.num_pictures if step >= total else 0)
             save({"step": step, "miou": last_eval["miou"] if last_eval else None})

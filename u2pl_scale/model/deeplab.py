@@ -92,12 +92,6 @@ class DeepLabV3Plus(nn.Module):
             self.aux = nn.Sequential(conv_bn_relu(channels[self.aux_index], head_channels, 3), nn.Dropout2d(dropout),
                                      nn.Conv2d(head_channels, num_classes, 1))
 
-    def head_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-
-    def backbone_parameters(self):
-        return list(self.backbone.parameters())
-
     def forward(self, x: torch.Tensor) -> dict:
         feats = self.backbone(x)
         low = self.low_level(feats[self.low_index])
