@@ -19,7 +19,14 @@ Two measurements per run:
   The breakdown pieces call the same functions as u2pl_step (method functions from u2pl_scale.method).
 
 Prints a markdown table: median ms per part, % of the breakdown's sum, method work as % of the step, images/s from
-the total, peak memory (torch.cuda.max_memory_allocated on GPU; ru_maxrss of the process on CPU).
+the total, peak memory (torch.cuda.max_memory_allocated on GPU; ru_maxrss of the process on CPU), the model FLOPs
+of a step (torch.utils.flop_counter) and, on GPU, the MFU against a measured matmul peak.
+
+The breakdown's synced parts charge each part its full launch time: a part made of many small kernels (the
+method work) costs its CPU launch time there, while in the real step those launches overlap the GPU's queue of
+model work. So the method's cost is also given at the margin: the real step timed again without the method work
+(same teacher forwards, student forward, full backward with zero gradients where the method's enter, optimizer
+and EMA), and 1 - without / with.
 
 CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129, 2 + 2 images, VOC (21 classes,
 full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
@@ -30,6 +37,7 @@ full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import os
 import resource
@@ -72,6 +80,27 @@ PROGRESS = 0.1  # epoch / epochs: drop 18 %, alpha_t 18 %
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measured_matmul_peak(device: torch.device, precision: str) -> float:
+    """FLOP/s of a large square matmul in the run's precision (the ceiling MFU is quoted against)."""
+    dtype = DTYPES[precision]
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # fp32 convolutions run as TF32
+    try:
+        for _ in range(3):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
 
 
 def synthetic_batches(cfg, batch: int, crop: int, count: int, seed: int = 0):
@@ -174,6 +203,23 @@ def main() -> None:
         terms["loss"].backward()
         optimizer_and_ema()
 
+    # ------------------------------------------ the same step without the method work (for its marginal cost)
+    def real_step_without_method():
+        batch_l, batch_u = next(batches)
+        x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
+        b_l = x_l.shape[0]
+        x_u, _ = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx)
+        x_all = torch.cat([x_l, x_u])
+        teacher_targets(teacher, x_all, b_l, autocast_ctx)
+        with autocast_ctx():
+            out = model(x_all)
+        pred, rep = out["pred"].float(), out["rep"].float()
+        aux = out.get("aux")
+        sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
+        # the full backward through the student, with zero gradients where the method's would enter
+        torch.autograd.backward([sup, pred, rep], [None, torch.zeros_like(pred), torch.zeros_like(rep)])
+        optimizer_and_ema()
+
     # ---------------------------------------------------------------- breakdown: same work, timed parts
     def timed_step(times: dict):
         def mark(name, start):
@@ -242,9 +288,31 @@ def main() -> None:
             cpu_totals.append(time.process_time() - cpu_start)
         if on_gpu:
             torch.cuda.set_sync_debug_mode(0)
-            syncs = sum("synchroniz" in str(w.message).lower() for w in caught) / args.steps
+            sync_warnings = [w for w in caught if "synchroniz" in str(w.message).lower()
+                             and "prototype" not in str(w.message).lower()]
+            syncs = len(sync_warnings) / args.steps
+            for where, count in collections.Counter(f"{w.filename}:{w.lineno}" for w in sync_warnings).items():
+                print(f"host-device sync at {where}: {count} times in {args.steps} steps")
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+    # model FLOPs of one real step (teacher forwards + student forward/backward + method), counted by torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        real_step()
+    sync(device)
+    step_flops = counter.get_total_flops()
+    matmul_peak = measured_matmul_peak(device, args.precision) if on_gpu else None
+
+    without_method = []
+    for _ in range(args.warmup):
+        real_step_without_method()
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        real_step_without_method()
+        sync(device)
+        without_method.append(time.perf_counter() - start)
 
     times: dict = {}
     for _ in range(args.warmup):
@@ -268,15 +336,25 @@ def main() -> None:
         print(f"| {name} | {1000 * median[name]:.1f} | {100 * median[name] / parts_sum:.1f} |")
     print(f"| sum of parts (breakdown mode, synced between parts) | {1000 * parts_sum:.1f} | 100.0 |")
     print(f"| real step (u2pl_step, no inner syncs) | {1000 * total:.1f} | |")
+    print(f"| real step without the method work (no inner syncs) | {1000 * statistics.median(without_method):.1f} | |")
     print()
     print("| metric | value |")
     print("| --- | --- |")
-    print(f"| method work, % of step | {100 * median['method work'] / parts_sum:.1f} |")
+    print(f"| method work, % of step (breakdown, synced parts) | {100 * median['method work'] / parts_sum:.1f} |")
+    print(f"| method work, marginal % of the real step (1 - without / with) | "
+          f"{100 * (1 - statistics.median(without_method) / total):.1f} |")
     print(f"| images/s (real step) | {images / total:.2f} |")
     print(f"| process CPU s per real step | {statistics.median(cpu_totals):.3f} |")
     print(f"| peak memory | {peak:.2f} GiB ({'max_memory_allocated' if on_gpu else 'ru_maxrss, whole process'}) |")
+    achieved = step_flops / total
+    print(f"| model GFLOP per real step (torch.utils.flop_counter) | {step_flops / 1e9:.1f} |")
+    print(f"| achieved TFLOP/s | {achieved / 1e12:.1f} |")
     if on_gpu:
         print(f"| host-device syncs per real step | {syncs:g} |")
+        kind = f"{args.precision}{' (TF32, as the convolutions)' if args.precision == 'fp32' else ''}"
+        print(f"| measured {kind} matmul peak (8192^3) | {matmul_peak / 1e12:.0f} TFLOP/s |")
+        print(f"| MFU vs measured {args.precision} matmul peak | {100 * achieved / matmul_peak:.1f} % |")
+        print(f"| MFU vs H100 SXM dense bf16 datasheet (989 TFLOP/s) | {100 * achieved / 989e12:.1f} % |")
 
 
 if __name__ == "__main__":

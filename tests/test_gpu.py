@@ -53,10 +53,11 @@ def test_u2pl_step_does_not_synchronise_with_the_host():
 
 
 @pytest.mark.slow
-def test_cuda_training_run_bf16_channels_last_compiled(demo_shards, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_training_run_bf16_channels_last(demo_shards, tmp_path, compiled):
     from u2pl_scale.engine.trainer import train
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        "train.device=cuda", "train.precision=bf16", "train.channels_last=true", "train.compile=true",
+        "train.device=cuda", "train.precision=bf16", "train.channels_last=true", f"train.compile={str(compiled).lower()}",
         "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2", f"train.run_dir={tmp_path}"])
     summary = train(cfg)
     assert summary["steps"] == 8 and summary["evaluated_model"] == "teacher"

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .queues import ClassQueues
 from .reliability import _order_keys, cpu_single_thread, downsample_nearest
+from .fp32 import fp32_region
 
 
 @dataclass
@@ -352,7 +353,7 @@ def contrastive_loss(
     """
     batch, dim, height, width = rep.shape
     num_classes = prob_teacher.shape[1]
-    with torch.autocast(rep.device.type, enabled=False), torch.no_grad():
+    with fp32_region(rep.device), torch.no_grad():
         pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
                                negative_threshold, low_rank, high_rank)
         teacher = rep_teacher.detach().float()
@@ -382,7 +383,7 @@ def contrastive_loss(
         class_used = class_present & (anchor_count > 0) & queue_nonempty
         prototypes_unit = F.normalize(prototypes, dim=1)
 
-    with torch.autocast(rep.device.type, enabled=False):
+    with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float()
         anchors = F.normalize(anchors, dim=1).reshape(num_classes, num_anchors, dim)
         per_anchor = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature)

@@ -71,9 +71,12 @@ def cutmix(
     `boxes` ([B, 4] from sample_boxes) may be given; otherwise they are drawn with `generator`.
     Returns (images, labels, conf, *extra).
     """
+    if not torch.is_tensor(apply) and not apply:
+        return (images, labels, conf, *extra)
     batch, _, height, width = images.shape
     if boxes is None:
         boxes = sample_boxes(batch, height, width, generator=generator, device=images.device)
     inside = box_masks(boxes, height, width)
-    inside = inside & torch.as_tensor(apply, dtype=torch.bool, device=images.device)
+    if torch.is_tensor(apply):  # a device-side decision: no host read
+        inside = inside & apply.to(device=images.device, dtype=torch.bool)
     return tuple(mix_with_next(t, inside) for t in (images, labels, conf, *extra))

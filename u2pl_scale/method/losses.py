@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from .reliability import Number, cpu_row_chunks, cpu_single_thread, drop_unreliable, entropy_from_logits, percentile
+from .fp32 import fp32_region
 
 
 def _ce_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Sum of per-pixel cross-entropy over non-ignored pixels, fp32."""
-    with torch.autocast(logits.device.type, enabled=False):
+    with fp32_region(logits.device):
         return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="sum")
 
 
@@ -54,7 +55,7 @@ def ohem_ce(
     kept; otherwise threshold = max(thresh, the min_kept-th smallest p) and valid pixels with p <= threshold are
     kept. CE is averaged over kept pixels. The k-th value uses kthvalue with a static k, so nothing syncs.
     """
-    with torch.autocast(logits.device.type, enabled=False):
+    with fp32_region(logits.device):
         logits = logits.float()
         target = target.long()
         valid = target != ignore_index

@@ -53,8 +53,8 @@ class ClassQueues:
         self.scratch_row = self.total_capacity
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.capacities = torch.tensor(capacities, dtype=torch.long, device=device)
-        self.offsets = torch.cumsum(self.capacities, 0) - self.capacities
-        self.offsets_list = self.offsets.tolist()
+        self.offsets_list = [sum(capacities[:c]) for c in range(num_classes)]
+        self.offsets = torch.tensor(self.offsets_list, dtype=torch.long, device=device)
         self.buffer = torch.zeros(self.total_capacity + 1, dim, dtype=dtype, device=device)
         self.write_ptr = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.fill = torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -170,7 +170,11 @@ class ClassQueues:
         """
         if classes is None:
             classes = torch.arange(self.num_classes, device=self.device)
-        classes = torch.as_tensor(classes, dtype=torch.long, device=self.device).reshape(-1)
+        elif isinstance(classes, int):
+            classes = torch.full((1,), classes, dtype=torch.long, device=self.device)
+        elif not torch.is_tensor(classes):
+            classes = torch.tensor(classes, dtype=torch.long).to(self.device)  # a host list: one copy
+        classes = classes.to(device=self.device, dtype=torch.long).reshape(-1)
         fill = self.fill[classes]
         uniform = torch.rand(classes.numel(), num, generator=generator, device=self.device, dtype=torch.float64)
         position = (uniform * fill[:, None]).floor().long()

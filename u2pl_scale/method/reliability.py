@@ -7,12 +7,14 @@ ever read back to the host.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+from .fp32 import fp32_region
 
 Number = Union[float, int, torch.Tensor]
 
@@ -67,7 +69,7 @@ def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch
     On CPU computed in row blocks that stay in cache (per-pixel arithmetic: the same formula, no full-size
     softmax temporary); elsewhere in whole-tensor passes.
     """
-    with torch.autocast(logits.device.type, enabled=False):
+    with fp32_region(logits.device):
         if logits.device.type != "cpu" or logits.dim() != 4:
             return entropy(torch.softmax(logits.float(), dim=1), eps)
         batch, _, height, width = logits.shape
@@ -132,8 +134,11 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     valid = valid_mask.reshape(-1).to(torch.bool)
     keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
     count = valid.sum()
-    q = torch.as_tensor(qs, dtype=torch.float64, device=flat.device).reshape(-1)
-    position = q / 100.0 * (count - 1).clamp(min=0).to(torch.float64)
+    last = (count - 1).clamp(min=0).to(torch.float64)
+    if torch.is_tensor(qs):
+        position = qs.to(device=flat.device, dtype=torch.float64).reshape(-1) / 100.0 * last
+    else:  # python numbers: scalar arithmetic on the device tensor, no host-to-device copy
+        position = torch.stack([last * (float(q) / 100.0) for q in qs])
     lower = position.floor()
     fraction = (position - lower).float()
     lower_index = lower.long().clamp(0, flat.numel() - 1)
@@ -224,15 +229,18 @@ def _as_percent_list(*qs: Number) -> Union[list, torch.Tensor]:
     tensors = [q for q in qs if torch.is_tensor(q)]
     if tensors:
         device = tensors[0].device
-        return torch.stack([torch.as_tensor(q, dtype=torch.float64, device=device).reshape(()) for q in qs])
+        return torch.stack([q.to(device=device, dtype=torch.float64).reshape(()) if torch.is_tensor(q)
+                            else torch.full((), float(q), dtype=torch.float64, device=device) for q in qs])
     return [float(q) for q in qs]
 
 
+@functools.lru_cache(maxsize=64)
 def _nearest_source_index(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    # F.interpolate(mode="nearest"): src = min(floor(dst * in/out), in - 1), scale in fp32
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    index = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1)
-    return index.to(device)
+    # F.interpolate(mode="nearest"): src = min(floor(dst * in/out), in - 1), scale in fp32. Built on the device
+    # (no host-to-device copy in the step) once per size; callers only read it.
+    with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
+        scale = torch.full((), in_size / out_size, dtype=torch.float32, device=device)
+        return (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long().clamp(max=in_size - 1)
 
 
 def downsample_nearest(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

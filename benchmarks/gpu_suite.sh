@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything this project measures or tests on a GPU, in one command (a lent GPU machine is held for minutes):
+# the GPU tests (tests/test_gpu.py), the step breakdown of VOC 513 ResNet-101 at bf16 channels-last and at fp32
+# (img/s, method work %, host-device syncs, MFU), and the method overhead at VOC and Cityscapes shapes.
+# The full output goes to $OUT/all.log (default OUT=/tmp/gpu_suite); each part's tail is printed as it ends.
+#   bash benchmarks/gpu_suite.sh            # on the GPU machine, from the repository root
+# A dry run of the same commands on a CPU (small shapes): GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh
+# Packages the GPU image lacks (webdataset, braceexpand) are installed from .whl/ when it exists.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if [ "${GPU_SUITE_DRY:-0}" = 1 ]; then
+    DEV="--device cpu --backbone resnet18 --crop 65 --steps 1 --warmup 1"; MDEV="--device cpu --steps 2 --warmup 1"
+else
+    DEV="--device cuda"; MDEV="--device cuda --steps 20 --warmup 5"
+fi
+run() {  # name, timeout, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: $*" | tee -a "$OUT/summary.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/last.log" 2>&1
+    local rc=$?
+    { echo "=== $name: $*"; cat "$OUT/last.log"; } >>"$OUT/all.log"
+    echo "=== $name: rc=$rc in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/last.log"
+}
+date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+run test_gpu_fast 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow"
+run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
+run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
+run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8
+run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc
+run overhead_cityscapes 60 python3 benchmarks/method_overhead.py $MDEV --shape cityscapes
+run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
+# torch.compile of the student and teacher (several graphs: train/eval mode, batch sizes): minutes; on a timeout
+# pytest-timeout prints where it was
+run test_gpu_run_compiled 300 python3 -m pytest -q -p no:cacheprovider --durations=0 --timeout=280 tests/test_gpu.py -m slow -k compiled
+rm -f "$OUT/last.log"
+echo "=== summary"; cat "$OUT/summary.txt"
