@@ -34,6 +34,7 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("train.precision=fp8", "train.precision"),
     ("data.ignore_index=3", "data.ignore_index"),
     ("method.contrastive.low_rank=30", "method.contrastive.low_rank"),
+    ("optim.name=adam", "optim.name"),
 ])
 def test_bad_keys_and_values_name_the_culprit(override, culprit):
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2pl_scale.data.demo import CLASS_NAMES, build_demo, demo_manifest_paths, generate_sample
+from u2pl_scale.data.demo import CLASS_NAMES, DEMO_SPLITS, build_demo, demo_manifest_paths, generate_sample
 from shard_helpers import read_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,17 +74,23 @@ def test_build_is_deterministic_and_seed_dependent(tmp_path):
     assert first["labeled"]["num_samples"] == 16 and first["unlabeled"]["num_samples"] == 48
 
 
-def test_objects_differ_by_shape_not_colour():
-    """Pixel colours of one class vary widely between objects: colour alone cannot name the class."""
-    mean_colours = {class_id: [] for class_id in range(1, 6)}
-    for index in range(60):
+def test_colour_alone_does_not_name_the_class():
+    """Object hues come in overlapping class families: the nearest family by hue is right only about half the
+    time (so shape and texture must decide), yet far better than chance (colour is a real, partial cue)."""
+    import colorsys
+    centres = np.arange(5) / 5
+    right = total = 0
+    for index in range(80):
         image, mask = generate_sample(0, 0, index)
-        for class_id in mean_colours:
+        for class_id in range(1, 6):
             if (mask == class_id).sum() > 30:
-                mean_colours[class_id].append(image[mask == class_id].mean(axis=0))
-    for class_id, colours in mean_colours.items():
-        assert len(colours) >= 5, CLASS_NAMES[class_id]
-        assert np.std(colours, axis=0).mean() > 30, CLASS_NAMES[class_id]
+                r, g, b = image[mask == class_id].astype(np.float64).mean(axis=0) / 255
+                hue = colorsys.rgb_to_hsv(r, g, b)[0]
+                distance = np.abs((hue - centres + 0.5) % 1.0 - 0.5)  # on the hue circle
+                right += int(np.argmin(distance)) + 1 == class_id
+                total += 1
+    assert total >= 100
+    assert 0.3 < right / total < 0.7, (right, total)
 
 
 def test_generate_sample_sizes():
@@ -106,3 +112,27 @@ def test_cli_builds_from_repo_root(tmp_path):
 def test_bad_labeled_fraction_is_refused(tmp_path):
     with pytest.raises(ValueError, match="labeled_fraction"):
         build_demo(tmp_path, num_train=10, labeled_fraction=0.01, progress=False)
+
+
+def test_shards_from_an_older_demo_generator_are_rebuilt(tmp_path):
+    from u2pl_scale.config import load_config
+    from u2pl_scale.data.demo import DEMO_DATASET
+    from u2pl_scale.engine.trainer import ensure_demo_data
+
+    root = tmp_path / "demo"
+    options = dict(num_train=32, num_val=4, labeled_fraction=0.25, samples_per_shard=16, progress=False)
+    build_demo(root, **options)
+    for split in DEMO_SPLITS:  # pretend an older generator wrote them
+        manifest_path = root / split / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["dataset"] = "demo"
+        manifest_path.write_text(json.dumps(manifest))
+    (root / "labeled" / "old-shard-000099.tar").write_bytes(b"stale")
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                      [f"data.{split}={root / split}" for split in ("labeled", "unlabeled", "val")])
+    ensure_demo_data(cfg)
+    for split in ("labeled", "unlabeled", "val"):
+        assert json.loads((root / split / "manifest.json").read_text())["dataset"] == DEMO_DATASET
+    assert not (root / "labeled" / "old-shard-000099.tar").exists()
+    ensure_demo_data(cfg)  # current shards are left alone
+    assert (root / "labeled" / "manifest.json").is_file()

@@ -106,6 +106,8 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    # "sgd" (momentum, as published) or "adamw" (for short from-scratch runs such as the demo)
+    name: str = "sgd"
     lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -169,6 +171,7 @@ _CHOICES = {
     "data.on_bad_sample": ("skip", "error"),
     "method.name": ("u2pl", "supervised"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "optim.name": ("sgd", "adamw"),
     "eval.mode": ("whole", "sliding"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -1,16 +1,22 @@
 """A procedurally generated segmentation dataset for demos, tests and benchmarks (no download).
 
-Five object classes plus background. Colour carries no class information (every object gets a random colour);
-the class decides the SHAPE (disc, square, triangle, ring, cross) and, most of the time, the TEXTURE (stripes,
-checker, dots, smooth, grid). Objects have random scale, aspect, rotation and position, may overlap and be cut
-by the border, and sit on cluttered backgrounds (gradients, colour noise, distractor lines and textured blobs
-that are background). Object borders are labelled 255 (ignore), as in VOC. With 1/16 of the labels a small
-CNN clearly trails the fully supervised one, which is what a semi-supervised method has to close.
+Five object classes plus background. Each class has a SHAPE (disc, square, triangle, ring, cross), a usual
+TEXTURE (stripes, checker, dots, smooth, grid) and a HUE FAMILY: its objects' hue is drawn within +-HUE_SPREAD of
+the class's own hue, and neighbouring families overlap, so a colour narrows an object down to about two classes
+and shape and texture decide between them (colour alone does not name the class). Objects have random scale,
+aspect, rotation, position, saturation and brightness, may overlap and be cut by the border, and sit on
+cluttered backgrounds (low-saturation gradients, distractor lines, pixel noise). Object borders are labelled 255
+(ignore), as in VOC.
+
+The task is sized so that a small CNN trained from scratch for a few CPU minutes learns it (colour quickly; the
+shapes and textures that resolve the overlaps more slowly), and 1/16 of the labels leave a gap to full
+supervision that unlabeled images can close.
 
 Every image is a pure function of (seed, split, index), so a build is deterministic and can be parallelised.
 """
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import math
 from dataclasses import dataclass
@@ -25,8 +31,12 @@ CLASS_NAMES = ["background", "disc", "square", "triangle", "ring", "cross"]
 NUM_CLASSES = len(CLASS_NAMES)
 SHAPES = CLASS_NAMES[1:]
 TEXTURES = ["stripes", "checker", "dots", "smooth", "grid"]  # TEXTURES[i] is the usual texture of SHAPES[i]
-TEXTURE_SWAP_PROB = 0.25  # how often an object wears a random texture, so texture alone is not enough
+TEXTURE_SWAP_PROB = 0.1  # how often an object wears a random texture, so texture alone is not enough
+HUE_SPREAD = 0.25  # object hue = class hue (k - 1) / 5 +- this fraction of the hue circle: neighbours overlap
+BACKGROUND_MAX_SATURATION = 0.3
 DEMO_SPLITS = ("labeled", "unlabeled", "val", "full_labeled")
+# the manifests' dataset name; a new generator gets a new name so that shards built by an older one are rebuilt
+DEMO_DATASET = "demo-v2"
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
 
 
@@ -67,13 +77,22 @@ def _texture(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generato
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _paint(image: np.ndarray, region: np.ndarray, pattern: np.ndarray, rng: np.random.Generator) -> None:
-    """Paint region with two random, clearly different tones mixed by pattern."""
-    base = rng.uniform(0, 255, size=3)
-    contrast = rng.uniform(50, 110) * rng.choice([-1.0, 1.0], size=3)
-    other = np.clip(base + contrast, 0, 255)
-    colours = base + (other - base) * pattern[region][:, None]
-    image[region] = colours
+def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value), dtype=np.float32) * 255
+
+
+def _paint(image: np.ndarray, region: np.ndarray, pattern: np.ndarray, class_id: int,
+           rng: np.random.Generator) -> None:
+    """Paint an object: a hue from its class's family, two tones of it (light, dark) mixed by pattern."""
+    hue = (class_id - 1) / len(SHAPES) + rng.uniform(-HUE_SPREAD, HUE_SPREAD)
+    saturation, value = rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)
+    light = _hsv_to_rgb(hue, saturation, value)
+    dark = _hsv_to_rgb(hue, saturation, value * rng.uniform(0.3, 0.6))
+    image[region] = light + (dark - light) * pattern[region][:, None]
+
+
+def _background_colour(rng: np.random.Generator, value_range=(0.2, 0.9)) -> np.ndarray:
+    return _hsv_to_rgb(rng.uniform(), rng.uniform(0, BACKGROUND_MAX_SATURATION), rng.uniform(*value_range))
 
 
 def _rotated_frame(size: int, cy: float, cx: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
@@ -84,27 +103,17 @@ def _rotated_frame(size: int, cy: float, cx: float, angle: float) -> tuple[np.nd
 
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Gradient between two random colours plus clutter: distractor lines and textured blobs (all background)."""
+    """Gradient between two low-saturation colours plus clutter: distractor lines of random width (background)."""
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
     direction = rng.uniform(0, 2 * math.pi)
     y, x = np.meshgrid(ramp, ramp, indexing="ij")
     weight = np.clip(0.5 + (math.cos(direction) * (x - 0.5) + math.sin(direction) * (y - 0.5)), 0, 1)
-    start, end = rng.uniform(0, 255, size=(2, 3))
+    start, end = _background_colour(rng), _background_colour(rng)
     image = start + (end - start) * weight[..., None]
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
-    for _ in range(rng.integers(2, 6)):  # blobs: unions of small discs, textured like objects
-        region = np.zeros((size, size), dtype=bool)
-        centre = rng.uniform(0, size, size=2)
-        for _ in range(rng.integers(2, 5)):
-            cy, cx = centre + rng.normal(0, size * 0.05, size=2)
-            radius = rng.uniform(0.03, 0.08) * size
-            region |= (rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2
-        u, v = _rotated_frame(size, 0.0, 0.0, rng.uniform(0, math.pi))
-        _paint(image, region, _texture(rng.choice(TEXTURES), u, v, rng), rng)
     for _ in range(rng.integers(2, 7)):  # lines of random width
         u, v = _rotated_frame(size, *rng.uniform(0, size, size=2), rng.uniform(0, math.pi))
         region = np.abs(v) <= rng.uniform(0.5, 1.8)
-        image[region] = rng.uniform(0, 255, size=3)
+        image[region] = _background_colour(rng, (0.1, 1.0))
     return image
 
 
@@ -134,7 +143,7 @@ def generate_sample(seed: int, stream: int, index: int, size: int = 96) -> tuple
             continue  # almost entirely outside the image
         texture = TEXTURES[class_id - 1] if rng.random() > TEXTURE_SWAP_PROB else rng.choice(TEXTURES)
         texture_u, texture_v = _rotated_frame(size, cy, cx, rng.uniform(0, math.pi))
-        _paint(image, region, _texture(texture, texture_u, texture_v, rng), rng)
+        _paint(image, region, _texture(texture, texture_u, texture_v, rng), class_id, rng)
         label[region] = class_id  # later objects occlude earlier ones
     image += rng.normal(0, rng.uniform(4, 16), size=image.shape)
     label[_object_border(label)] = IGNORE_INDEX
@@ -172,7 +181,7 @@ def build_demo(out_root: Union[str, Path] = "shards/demo", seed: int = 0, num_tr
     loader = DemoSampleLoader(seed, size)
 
     def open_writer(split_dir: str, split: str) -> ShardSetWriter:
-        return ShardSetWriter(out_root / split_dir, split, "demo", NUM_CLASSES, CLASS_NAMES,
+        return ShardSetWriter(out_root / split_dir, split, DEMO_DATASET, NUM_CLASSES, CLASS_NAMES,
                               max_count=samples_per_shard)
 
     with contextlib.ExitStack() as stack:  # on failure every writer removes its unfinished shard

@@ -1,4 +1,4 @@
-"""SGD with a head learning-rate multiplier and the per-step poly schedule (U2PL_SPEC.md §8)."""
+"""SGD (or AdamW) with a head learning-rate multiplier and the per-step poly schedule (U2PL_SPEC.md §8)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ def param_groups(model: torch.nn.Module, lr: float, head_multiplier: float, weig
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, lr, optim_cfg.head_lr_multiplier, optim_cfg.weight_decay)
-    if optim_cfg.use_apex:
+    if optim_cfg.use_apex and optim_cfg.name == "sgd":
         try:  # NVIDIA apex is an optional accelerator, used only when importable and asked for
             from apex.optimizers import FusedSGD
             return FusedSGD(groups, lr=lr, momentum=optim_cfg.momentum)
@@ -21,6 +21,8 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device: torch.
             pass
     # fused kernels on CUDA; the foreach implementation (one kernel per op for all tensors) elsewhere
     fused = bool(optim_cfg.fused and device.type == "cuda")
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None, foreach=None if fused else True)
     return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, fused=fused or None,
                            foreach=None if fused else True)
 

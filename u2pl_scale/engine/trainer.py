@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -32,21 +34,33 @@ from .precision import DTYPES, autocast
 from .step import StepConfig, supervised_step, u2pl_step
 
 
+def _manifest_dataset(path: str) -> str:
+    manifest = Path(path) / "manifest.json"
+    return str(json.loads(manifest.read_text()).get("dataset", "")) if manifest.is_file() else ""
+
+
 def ensure_demo_data(cfg: Config) -> None:
     """Build the demo shards when the config points at the demo set and it is missing (rank 0 builds)."""
     paths = [cfg.data.labeled, cfg.data.unlabeled, cfg.data.val]
     local = [p for p in paths if isinstance(p, str) and "://" not in p and not p.startswith("pipe:") and "{" not in p]
     # a directory without its manifest is an unfinished build: the manifest is written last
     missing = [p for p in local if not Path(p).exists() or (Path(p).is_dir() and not (Path(p) / "manifest.json").is_file())]
-    if not missing:
+    from ..data.demo import DEMO_DATASET, build_demo
+    stale = [p for p in local if p not in missing and Path(p).parent.name == "demo"
+             and _manifest_dataset(p).startswith("demo") and _manifest_dataset(p) != DEMO_DATASET]
+    if not missing and not (stale and cfg.data.build_demo_if_missing):
         return
-    demo_parts = [Path(p) for p in missing if Path(p).parent.name == "demo"]
-    if not (cfg.data.build_demo_if_missing and len(demo_parts) == len(missing)):
+    demo_parts = [Path(p) for p in missing + stale if Path(p).parent.name == "demo"]
+    if not (cfg.data.build_demo_if_missing and len(demo_parts) == len(missing) + len(stale)):
         raise FileNotFoundError(f"data: shard set not found: {missing[0]} (build shards with shards/build.py)")
     if dist.get_rank() == 0:
-        from ..data.demo import build_demo
-        print(f"[u2pl] demo shards missing at {demo_parts[0].parent}; building them", flush=True)
-        build_demo(out_root=str(demo_parts[0].parent))
+        root = demo_parts[0].parent
+        if stale:  # written by an older demo generator: replace the whole set
+            print(f"[u2pl] demo shards at {root} are from an older generator; rebuilding them", flush=True)
+            shutil.rmtree(root)
+        else:
+            print(f"[u2pl] demo shards missing at {root}; building them", flush=True)
+        build_demo(out_root=str(root))
     dist.barrier()
 
 
