@@ -203,49 +203,45 @@ def main() -> None:
         terms["loss"].backward()
         optimizer_and_ema()
 
-    # ------------------------------------------ the same step without the method work (for its marginal cost)
-    def real_step_without_method():
+    def forward(mark=lambda name: None):
+        """Data, teacher forwards and the student forward with its supervised loss, as u2pl_step does them;
+        `mark(part)` is called after each part."""
         batch_l, batch_u = next(batches)
         x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
+        mark("data wait")
         b_l = x_l.shape[0]
-        x_u, _ = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx)
+        x_u, pseudo_u = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx)
         x_all = torch.cat([x_l, x_u])
-        teacher_targets(teacher, x_all, b_l, autocast_ctx)
+        prob_t, rep_t, logits_u_t = teacher_targets(teacher, x_all, b_l, autocast_ctx)
+        mark("teacher forward")
         with autocast_ctx():
             out = model(x_all)
         pred, rep = out["pred"].float(), out["rep"].float()
         aux = out.get("aux")
         sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
+        mark("student fwd+bwd")  # forward part; the backward is added by the caller
+        return sup, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t
+
+    # ------------------------------------------ the same step without the method work (for its marginal cost)
+    def real_step_without_method():
+        sup, pred, rep = forward()[:3]
         # the full backward through the student, with zero gradients where the method's would enter
         torch.autograd.backward([sup, pred, rep], [None, torch.zeros_like(pred), torch.zeros_like(rep)])
         optimizer_and_ema()
 
     # ---------------------------------------------------------------- breakdown: same work, timed parts
     def timed_step(times: dict):
-        def mark(name, start):
+        last = [0.0]
+
+        def mark(name):
             sync(device)
             now = time.perf_counter()
-            times.setdefault(name, []).append(now - start)
-            return now
+            times.setdefault(name, []).append(now - last[0])
+            last[0] = now
 
         sync(device)
-        t = time.perf_counter()
-        batch_l, batch_u = next(batches)
-        x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
-        t = mark("data wait", t)
-
-        b_l = x_l.shape[0]
-        x_u, pseudo_u = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx)
-        x_all = torch.cat([x_l, x_u])
-        prob_t, rep_t, logits_u_t = teacher_targets(teacher, x_all, b_l, autocast_ctx)
-        t = mark("teacher forward", t)
-
-        with autocast_ctx():
-            out = model(x_all)
-        pred, rep = out["pred"].float(), out["rep"].float()
-        aux = out.get("aux")
-        sup = supervised_loss(sc, pred[:b_l], aux[:b_l] if aux is not None else None, y_l)
-        t = mark("student fwd+bwd", t)  # forward part; the backward is added below
+        last[0] = time.perf_counter()
+        sup, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t = forward(mark)
 
         # the method's losses on leaf copies of the student's outputs, so their backward stops there
         pred_leaf = pred.detach().requires_grad_()
@@ -253,16 +249,14 @@ def main() -> None:
         unsup, contra, _ = method_losses(sc, pred_leaf, rep_leaf, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
                                          PROGRESS)
         (sc.unsup_weight * unsup + sc.contra_weight * contra).backward()
-        t = mark("method work", t)
+        mark("method work")
 
         torch.autograd.backward([sup, pred, rep], [None, pred_leaf.grad, rep_leaf.grad])
-        start = t
-        t = mark("student fwd+bwd (backward)", t)
-        times["student fwd+bwd"][-1] += t - start
-        times.pop("student fwd+bwd (backward)")
+        mark("student fwd+bwd (backward)")
+        times["student fwd+bwd"][-1] += times.pop("student fwd+bwd (backward)")[0]
 
         optimizer_and_ema()
-        mark("optimizer+EMA", t)
+        mark("optimizer+EMA")
 
     # sync counting (GPU): warnings from set_sync_debug_mode during the real steps
     for _ in range(args.warmup):

@@ -26,11 +26,15 @@ def _where() -> str:
     return f"{frame.filename.split('u2pl_scale/')[-1]}:{frame.lineno} {frame.line}"
 
 
-class _Dispatch(TorchDispatchMode):
+class _Recorder:
+    """Mode mixin: findings go to a list shared by the audit's modes."""
+
     def __init__(self, found: list):
         super().__init__()
         self.found = found
 
+
+class _Dispatch(_Recorder, TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
@@ -50,11 +54,7 @@ class _Dispatch(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _Function(TorchFunctionMode):
-    def __init__(self, found: list):
-        super().__init__()
-        self.found = found
-
+class _Function(_Recorder, TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")

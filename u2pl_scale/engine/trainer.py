@@ -46,8 +46,8 @@ def ensure_demo_data(cfg: Config) -> None:
     # a directory without its manifest is an unfinished build: the manifest is written last
     missing = [p for p in local if not Path(p).exists() or (Path(p).is_dir() and not (Path(p) / "manifest.json").is_file())]
     from ..data.demo import DEMO_DATASET, build_demo
-    stale = [p for p in local if p not in missing and Path(p).parent.name == "demo"
-             and _manifest_dataset(p).startswith("demo") and _manifest_dataset(p) != DEMO_DATASET]
+    written_by = {p: _manifest_dataset(p) for p in local if p not in missing and Path(p).parent.name == "demo"}
+    stale = [p for p, name in written_by.items() if name.startswith("demo") and name != DEMO_DATASET]
     if not missing and not (stale and cfg.data.build_demo_if_missing):
         return
     demo_parts = [Path(p) for p in missing + stale if Path(p).parent.name == "demo"]
