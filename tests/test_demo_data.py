@@ -75,8 +75,9 @@ def test_build_is_deterministic_and_seed_dependent(tmp_path):
 
 
 def test_colour_alone_does_not_name_the_class():
-    """Object hues come in overlapping class families: the nearest family by hue is right only about half the
-    time (so shape and texture must decide), yet far better than chance (colour is a real, partial cue)."""
+    """Object hues come in overlapping class families: the nearest family by hue is right for only about two
+    objects in three (a third have a hue of their own class alone, two thirds one shared by two classes, where
+    it is right half the time), so shape and texture must decide the rest; yet colour is a real, partial cue."""
     import colorsys
     centres = np.arange(5) / 5
     right = total = 0
@@ -90,7 +91,7 @@ def test_colour_alone_does_not_name_the_class():
                 right += int(np.argmin(distance)) + 1 == class_id
                 total += 1
     assert total >= 100
-    assert 0.3 < right / total < 0.7, (right, total)
+    assert 0.5 < right / total < 0.8, (right, total)
 
 
 def test_generate_sample_sizes():
