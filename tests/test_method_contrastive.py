@@ -183,3 +183,19 @@ def test_contrastive_loss_is_fp32_under_autocast():
         out = contrastive_loss(rep, torch.randn(2, 4, 2, 2, generator=gen).bfloat16(), prob, labels, low, high,
                                1, queues, low_rank=1, high_rank=2, num_anchors=4, num_negatives=2, generator=gen)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_top_mask_matches_a_sort_for_every_k_both_ways():
+    """_top_mask (rounds of amax, complement for k > C/2, bit-inverted keys for the smallest) against the
+    positions of a full sort per pixel, for every k, with negative and positive keys."""
+    from u2pl_scale.method.contrastive import _top_mask
+
+    gen = torch.Generator().manual_seed(5)
+    num_classes = 7
+    keys = torch.randperm(3 * num_classes * 4, generator=gen).reshape(3, num_classes, 4) - 40  # unique
+    order = torch.argsort(keys, dim=1, descending=True)  # class indices, largest key first
+    for k in range(num_classes + 1):
+        for largest in (True, False):
+            chosen = order[:, :k] if largest else order[:, num_classes - k:]
+            expected = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, chosen, True)
+            assert torch.equal(_top_mask(keys, k, largest), expected), (k, largest)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .reliability import Number, cpu_row_chunks, cpu_single_thread, drop_unreliable, entropy_from_logits, percentile
+from .buffers import reusable_empty
 from .fp32 import fp32_region
 
 
@@ -74,25 +75,29 @@ def ohem_ce(
 
 
 class _ScaledCESumCPU(torch.autograd.Function):
-    """`scale` x the sum of per-pixel CE over non-ignored pixels of fp32 CPU logits [B, C, H, W], fused: in
-    cache-sized row blocks, log_softmax gives the loss and, in the same pass, the gradient
-    scale * (softmax - onehot) (0 on ignored pixels) is written once and saved, so backward only hands it on (no
-    log_softmax / nll backward passes, and no extra logits-sized pass when the incoming gradient is 1)."""
+    """`scale` x the sum of per-pixel CE over non-ignored pixels of fp32 CPU logits [B, C, H, W], fused: the
+    log_softmax of each whole image is written straight into the gradient buffer, then, in cache-sized row blocks,
+    the loss is read from it and it is turned in place into the gradient scale * (softmax - onehot) (0 on ignored
+    pixels), which is saved, so backward only hands it on (no log_softmax / nll backward passes, and no extra
+    logits-sized pass when the incoming gradient is 1). Channels-last logits are made contiguous first: a class
+    reduction over channels-last blocks costs a copy per block (the trainer upsamples contiguous logits)."""
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, scale):
-        grad = torch.empty(logits.shape, dtype=torch.float32)
+        logits = logits.contiguous()
+        grad = reusable_empty("unsup_ce_grad", tuple(logits.shape), torch.float32, logits.device)
+        for b in range(logits.shape[0]):
+            torch.log_softmax(logits[b], dim=0, out=grad[b])
         partial = []
         with cpu_single_thread(logits.device):
             for b, top, bottom in cpu_row_chunks(logits.shape):
-                log_prob = torch.log_softmax(logits[b, :, top:bottom], dim=0)  # [C, rows, W]
+                block = grad[b, :, top:bottom]  # [C, rows, W] log-probabilities
                 labels = target[b, top:bottom]
                 valid = labels != ignore_index
                 safe = torch.where(valid, labels, 0)[None].long()
-                picked = log_prob.gather(0, safe)[0]
+                picked = block.gather(0, safe)[0]
                 partial.append(torch.where(valid, picked, 0.0).sum())
-                block = grad[b, :, top:bottom]
-                torch.exp(log_prob, out=block)
+                block.exp_()
                 block.scatter_add_(0, safe, valid[None].float().neg_())
                 block.mul_(valid[None] * scale)
         ctx.save_for_backward(grad)

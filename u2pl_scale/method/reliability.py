@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+from .buffers import reusable_empty
 from .fp32 import fp32_region
 
 Number = Union[float, int, torch.Tensor]
@@ -66,8 +67,8 @@ def cpu_row_chunks(shape: torch.Size) -> list[tuple[int, int, int]]:
 def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
     """`entropy(softmax(logits))` in fp32 [B, C, H, W] -> [B, H, W].
 
-    On CPU computed in row blocks that stay in cache (per-pixel arithmetic: the same formula, no full-size
-    softmax temporary); elsewhere in whole-tensor passes.
+    On CPU: the softmax of each whole image into a reused buffer, then the per-pixel terms in row blocks that
+    stay in cache (no full-size temporaries); elsewhere in whole-tensor passes.
     """
     with fp32_region(logits.device):
         if logits.device.type != "cpu" or logits.dim() != 4:
@@ -76,9 +77,14 @@ def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch
         out = torch.empty(batch, height, width, dtype=torch.float32)
         chunks = cpu_row_chunks(logits.shape)
         buffer = torch.empty(logits.shape[1] * (chunks[0][2] - chunks[0][1]) * width, dtype=torch.float32)
+        # softmax of each whole contiguous image (a class reduction over strided row blocks copies each block)
+        logits = logits.float().contiguous()
+        probs = reusable_empty("entropy_prob", tuple(logits.shape), torch.float32, logits.device)
+        for b in range(batch):
+            torch.softmax(logits[b], dim=0, out=probs[b])
         with cpu_single_thread(logits.device):
             for b, top, bottom in chunks:
-                prob = torch.softmax(logits[b, :, top:bottom].float(), dim=0)
+                prob = probs[b, :, top:bottom]
                 terms = torch.add(prob, eps, out=buffer[: prob.numel()].view(prob.shape))
                 terms.log_()
                 terms.mul_(prob)

@@ -1,0 +1,60 @@
+"""Reused CPU buffers (u2pl_scale.method.buffers): reuse only when nothing else holds the storage, and
+scatter_rows equal to a fresh zeros().index_add_() on every call, whatever rows earlier calls wrote."""
+import torch
+
+from u2pl_scale.method import buffers
+
+
+def test_reusable_empty_reuses_only_a_released_buffer():
+    first = buffers.reusable_empty("t_reuse", (4, 8), torch.float32, "cpu")
+    first_ptr = first.data_ptr()
+    view = first[1:]  # still held through a view
+    second = buffers.reusable_empty("t_reuse", (4, 8), torch.float32, "cpu")
+    assert second.data_ptr() != first_ptr
+    second.fill_(7.0)
+    assert view.data_ptr() == first_ptr + 8 * 4  # the first buffer's memory was left alone
+    del first, view, second
+    third = buffers.reusable_empty("t_reuse", (4, 8), torch.float32, "cpu")
+    fourth_shape = buffers.reusable_empty("t_reuse_other", (2, 3), torch.float32, "cpu")
+    assert third.shape == (4, 8) and third.is_contiguous() and fourth_shape.shape == (2, 3)
+    ptr = third.data_ptr()
+    del third
+    again = buffers.reusable_empty("t_reuse", (2, 8), torch.float32, "cpu")  # smaller: same memory
+    assert again.data_ptr() == ptr and again.shape == (2, 8)
+
+
+def test_scatter_rows_matches_fresh_zeros_index_add_over_many_calls():
+    gen = torch.Generator().manual_seed(0)
+    kept = []
+    for step in range(6):
+        num_rows, dim = (50, 4) if step != 3 else (30, 4)  # one call with another shape in between
+        index = torch.randint(0, num_rows, (17,), generator=gen)  # with repeats: index_add sums them
+        rows = torch.randn(17, dim, generator=gen)
+        expected = torch.zeros(num_rows, dim).index_add_(0, index, rows)
+        got = buffers.scatter_rows("t_scatter", num_rows, index, rows)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        if step == 4:
+            kept.append(got)  # a held result must not be overwritten by the next call
+            kept_copy = got.clone()
+    torch.testing.assert_close(kept[0], kept_copy, rtol=0, atol=0)
+
+
+def test_gather_gradient_is_the_dense_scatter_on_every_step():
+    """The anchor gather's CPU autograd path (contrastive._gather_pixels) against index_select on a plain
+    tensor, over steps whose anchors differ (the reused gradient buffer must not keep earlier rows)."""
+    from u2pl_scale.method.contrastive import _gather_pixels
+
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 5, 3, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for _ in range(3):
+        features = base.clone().requires_grad_()
+        index = torch.randint(0, 2 * 3 * 4, (9,), generator=gen)
+        weights = torch.randn(9, 5, generator=gen)
+        (_gather_pixels(features.view_as(features), index) * weights).sum().backward()
+        reference = torch.zeros(2 * 3 * 4, 5).index_add_(0, index, weights)
+        expected = reference.view(2, 3, 4, 5).permute(0, 3, 1, 2)
+        torch.testing.assert_close(features.grad, expected, rtol=0, atol=0)
+        grads.append(features.grad)
+    # gradients of earlier steps that are still held were not changed by later steps
+    assert not torch.equal(grads[0], grads[1])
