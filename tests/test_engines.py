@@ -29,7 +29,10 @@ def launch(run_dir: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def ddp_run(demo_shards, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("ddp") / "run", "engine.backend=ddp")
+    # contiguous like the DeepSpeed engine (which does not take channels-last), so the comparison sees only the
+    # engines: a layout changes convolution rounding, which a few U2PL steps (entropy thresholds, sampled
+    # anchors) amplify past the tolerance
+    return launch(tmp_path_factory.mktemp("ddp") / "run", "engine.backend=ddp", "train.channels_last=false")
 
 
 def test_ddp_queues_identical_on_both_ranks(ddp_run):
