@@ -291,7 +291,7 @@ class _AnchorLoss(torch.autograd.Function):
         index = index.reshape(rows, -1)
         num_negatives = index.shape[1]
         device = anchors.device
-        scaled = anchors.reshape(rows, dim) / temperature  # logits = scaled . key
+        scaled = anchors.reshape(rows, dim) * (1.0 / temperature)  # logits = scaled . key
         logits = torch.empty(rows, num_negatives + 1, dtype=torch.float32, device=device)
         logits[:, 0] = (scaled.reshape(num_classes, num_anchors, dim) * prototypes[:, None, :]).sum(-1).reshape(-1)
         # A bf16/fp16 queue halves the gather's memory traffic. On accelerators the dot products then run in that
@@ -324,7 +324,7 @@ class _AnchorLoss(torch.autograd.Function):
         p_positive = torch.exp(-per_anchor)  # softmax probability of the positive
         grad = grad.float().view(num_classes, num_anchors, dim)
         grad += (p_positive.view(num_classes, num_anchors, 1) - 1.0) * prototypes[:, None, :]
-        grad /= temperature
+        grad *= 1.0 / temperature
         ctx.save_for_backward(grad)
         return per_anchor.view(num_classes, num_anchors)
 
@@ -395,7 +395,9 @@ def contrastive_loss(
 
     with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float()
-        anchors = F.normalize(anchors, dim=1).reshape(num_classes, num_anchors, dim)
+        # F.normalize as a multiply by the clamped inverse norm: its backward has one divide instead of three
+        inverse_norm = torch.linalg.vector_norm(anchors, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
+        anchors = (anchors * inverse_norm).reshape(num_classes, num_anchors, dim)
         per_anchor = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature)
         per_class = per_anchor.mean(dim=1)
         total = torch.where(class_used, per_class, torch.zeros_like(per_class)).sum()
