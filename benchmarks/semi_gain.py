@@ -7,8 +7,8 @@ Extra dotted overrides are applied to every run after the budget below (e.g. tra
 
 The budget: configs/demo.yaml (the demo data, SGD, published U2PL settings) with a lighter model and more steps
 than the demo run, so that the supervised model has time to fit its 64 labeled images and the number of labels,
-not the number of steps, limits it (at the demo run's 600 steps all 1024 labels do no better than 64:
-benchmarks/RESULTS.md). Both runs train at 2 CPU threads, one after the other.
+not the number of steps, limits it (at 600 steps, about the demo run's length, all 1024 labels do no better
+than 64: benchmarks/RESULTS.md). Both runs train at 2 CPU threads, one after the other.
 """
 from __future__ import annotations
 
