@@ -304,7 +304,8 @@ class _AnchorLoss(torch.autograd.Function):
         chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
         chunk = max(1, min(rows, chunk_bytes // (num_negatives * dim * buffer.element_size())))
         scratch = reusable_empty("negatives", (chunk * num_negatives, dim), buffer.dtype, device)
-        wide = reusable_empty("negatives_fp32", (chunk * num_negatives, dim), torch.float32, device) if widen else None
+        wide = (reusable_empty("negatives_fp32", (chunk * num_negatives, dim), torch.float32, device)
+                if widen else None)
         with cpu_single_thread(device):
             for begin in range(0, rows, chunk):
                 end = min(rows, begin + chunk)
