@@ -52,7 +52,10 @@ class StepConfig:
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+    """Bilinear (align_corners) to `size`, from contiguous logits: a small copy at stride 4 of the channels-last
+    model output, so that the crop-size class reductions that follow (softmax, CE, entropy) read each class plane
+    contiguously instead of channels-last rows (several times slower on CPU)."""
+    return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=True)
 
 
 def supervised_loss(sc: StepConfig, logits_l: torch.Tensor, aux_l, labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,7 @@ def supervised_loss(sc: StepConfig, logits_l: torch.Tensor, aux_l, labels: torch
     size = labels.shape[-2:]
 
     def criterion(logits):
-        logits = upsample(logits.float().contiguous(), size)  # contiguous: see teacher_targets
+        logits = upsample(logits.float(), size)
         if sc.ohem:
             return ohem_ce(logits, labels, thresh=sc.ohem_thresh, min_kept=sc.ohem_min_kept,
                                   ignore_index=sc.ignore_index)
@@ -102,10 +105,7 @@ def teacher_targets(teacher, x_all, num_labeled: int, autocast_ctx):
     with torch.no_grad(), autocast_ctx():
         out_t = teacher(x_all)
     pred_t = out_t["pred"].float()
-    # contiguous before upsampling (a small copy at stride 4): the crop-size logits' class reductions then read
-    # each class plane contiguously instead of channels-last rows (several times slower on CPU)
-    logits_u_t = upsample(pred_t[num_labeled:].contiguous(), x_all.shape[-2:])
-    return torch.softmax(pred_t, dim=1), out_t["rep"].float(), logits_u_t
+    return torch.softmax(pred_t, dim=1), out_t["rep"].float(), upsample(pred_t[num_labeled:], x_all.shape[-2:])
 
 
 def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress: float,
@@ -116,8 +116,8 @@ def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logit
     ignore = sc.ignore_index
     rel = reliability(logits_u_t, pseudo_u, drop_percent(progress, sc.drop_percent_start),
                       alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
-    unsup = unsup_loss_from_reliable(upsample(pred[b_l:].contiguous(), y_l.shape[-2:]), rel.reliable_labels,
-                                     rel.kept_count, ignore_index=ignore)  # contiguous: see teacher_targets
+    unsup = unsup_loss_from_reliable(upsample(pred[b_l:], y_l.shape[-2:]), rel.reliable_labels, rel.kept_count,
+                                     ignore_index=ignore)
     if sc.contra_enabled:
         labels_small, low_small, high_small = contrastive_inputs(
             y_l, pseudo_u, rel.low_mask, rel.high_mask, rep.shape[-2:], ignore_index=ignore)
