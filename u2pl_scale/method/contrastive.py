@@ -222,6 +222,13 @@ class _GatherRowsCPU(torch.autograd.Function):
         return grad.view(batch, height, width, dim).permute(0, 3, 1, 2), None
 
 
+def _unit_rows(rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.normalize(rows, dim=1) as one multiply by the clamped inverse norm: a divide per element costs more, and
+    with autograd the backward has one divide instead of three."""
+    inverse_norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
+    return torch.mul(rows, inverse_norm, out=out) if out is not None else rows * inverse_norm
+
+
 def _gather_pixels(features: torch.Tensor, pixel_index: torch.Tensor) -> torch.Tensor:
     """Rows [M, D] of `features` [N, D, h, w] at flat pixel indices, without copying the whole map."""
     if features.is_contiguous(memory_format=torch.channels_last):
@@ -381,10 +388,7 @@ def contrastive_loss(
         num_present = class_present.sum()
 
         # negatives of every class go to the shared queues before sampling (one collective)
-        # F.normalize as one multiply by the inverse norm (a divide per element costs more), into a reused buffer
-        inverse_norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-        unit_rows = torch.mul(rows, inverse_norm,
-                              out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
+        unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
         negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
         queues.push_distributed(unit_rows.to(queues.dtype), negative_pc, group=group)
 
@@ -396,9 +400,7 @@ def contrastive_loss(
 
     with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float()
-        # F.normalize as a multiply by the clamped inverse norm: its backward has one divide instead of three
-        inverse_norm = torch.linalg.vector_norm(anchors, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
-        anchors = (anchors * inverse_norm).reshape(num_classes, num_anchors, dim)
+        anchors = _unit_rows(anchors).reshape(num_classes, num_anchors, dim)
         per_anchor = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature)
         per_class = per_anchor.mean(dim=1)
         total = torch.where(class_used, per_class, torch.zeros_like(per_class)).sum()
