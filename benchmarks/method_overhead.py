@@ -83,8 +83,8 @@ def method_step(inputs: dict, progress: float = 0.1, generator=None) -> dict:
     # In a training step the student's logits and features are outputs of layers, whose backward consumes the
     # gradients the method returns; views of the leaves play that part here (free, and like a layer they take
     # the gradient as it is instead of copying it, which autograd does for a leaf when the tensor is shared).
-    student_logits_u, rep = inputs["student_logits_u"].view_as(inputs["student_logits_u"]), inputs["rep"].view_as(
-        inputs["rep"])
+    student_logits_u = inputs["student_logits_u"].view_as(inputs["student_logits_u"])
+    rep = inputs["rep"].view_as(inputs["rep"])
     rel = reliability(inputs["teacher_logits_u"], inputs["pseudo_u"], drop_percent(progress), alpha_t(progress))
     unsup = unsup_loss_from_reliable(student_logits_u, rel.reliable_labels, rel.kept_count)
     labels, low, high = contrastive_inputs(inputs["labels_l"], inputs["pseudo_u"], rel.low_mask, rel.high_mask,
