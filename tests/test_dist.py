@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -133,11 +134,16 @@ def _worker(local_index: int, mode: str, port: int, out_dir: str) -> None:
     gathered = dist.all_gather_cat(mine)
     summed = dist.all_reduce_sum(torch.tensor([rank + 1.0, 5.0 * rank]))
     obj = dist.broadcast_object({"from": rank, "cfg": [1, 2]} if rank == 0 else None)
-    dist.barrier()
+    is_dist = dist.is_dist()
+    if rank == 0:  # rank 0 still writing its outputs while rank 1 is done
+        time.sleep(1.0)
+    t_enter = time.time()
+    dist.finish(info)
+    t_left = time.time()
     torch.save({"rank": rank, "world": info.world_size, "local": info.local_rank, "source": info.source,
-                "backend": info.backend, "is_dist": dist.is_dist(), "gathered": gathered, "summed": summed,
-                "obj": obj}, os.path.join(out_dir, f"{local_index}.pt"))
-    dist.cleanup()
+                "backend": info.backend, "is_dist": is_dist, "gathered": gathered, "summed": summed,
+                "obj": obj, "t_enter": t_enter, "t_left": t_left,
+                "initialised_after": torch.distributed.is_initialized()}, os.path.join(out_dir, f"{local_index}.pt"))
 
 
 @pytest.mark.parametrize("mode, source", [("torchrun_in_sbatch", "env"), ("slurm", "slurm")])
@@ -152,3 +158,13 @@ def test_two_gloo_ranks(tmp_path, mode, source):
         assert torch.equal(r["gathered"], expected_gather)
         assert r["summed"].tolist() == [1.0 + 2.0, 0.0 + 5.0]
         assert r["obj"] == {"from": 0, "cfg": [1, 2]}
+        assert not r["initialised_after"]  # the group init_distributed made is torn down by finish()
+    assert results[1]["t_left"] >= results[0]["t_enter"]  # rank 1 waited for the slow rank 0 before tearing down
+
+
+def test_finish_leaves_a_group_it_did_not_make(clean_env):
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    info = dist.init_distributed("cpu")
+    assert info.source == "initialised"
+    dist.finish(info)
+    assert torch.distributed.is_initialized()  # the owner (Ray Train, a test) tears it down

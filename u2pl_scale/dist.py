@@ -222,6 +222,18 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def finish(info: DistInfo) -> None:
+    """End of a run: tear down the process group if `init_distributed` created it.
+
+    All ranks first meet at a barrier. Otherwise a rank that is done early exits while rank 0 still
+    writes its outputs, and gloo's teardown at interpreter exit can abort that rank (SIGABRT).
+    A group made by someone else (Ray Train, a test) is left to its owner."""
+    if info.source in ("initialised", "ray") or not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def add_counts(*counts: dict) -> dict:
     """Sum {name: count} dictionaries, leaving out zero counts."""
     total: dict = {}

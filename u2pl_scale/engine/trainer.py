@@ -309,5 +309,6 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
             out.message(f"[u2pl] final {summary['evaluated_model']} mIoU: {100 * summary['miou']:.2f} "
                         f"({summary['steps']} steps, {wall:.0f} s)")
     out.close()
+    dist.finish(info)
     return summary
 
