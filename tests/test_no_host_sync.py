@@ -44,9 +44,10 @@ def _batch(batch: int, crop: int, num_classes: int):
     return images[0], labels, images[1], torch.ones(batch, crop, crop, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("phase", ["sup-only", "u2pl"])
+@pytest.mark.parametrize("phase", ["sup-only", "u2pl", "u2pl-hue"])
 def test_a_training_step_on_the_device_path_never_syncs(phase):
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["method.contrastive.queue_size=500"])
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["method.contrastive.queue_size=500",
+                                                       f"method.hue_jitter={0.5 if phase == 'u2pl-hue' else 0}"])
     num_classes = cfg.data.num_classes
     student = build_model(cfg.model, num_classes).to(META).to(memory_format=torch.channels_last)
     teacher = build_model(cfg.model, num_classes).to(META).to(memory_format=torch.channels_last)
@@ -60,7 +61,7 @@ def test_a_training_step_on_the_device_path_never_syncs(phase):
         # the trainer's prepare(): pinned batches go to the device without blocking
         x_l = normalize(image_l.to(META, non_blocking=True), cfg.data.mean, cfg.data.std, True)
         y_l = label_l.to(META, non_blocking=True).long()
-        if phase == "u2pl":
+        if phase.startswith("u2pl"):
             x_u = normalize(image_u.to(META, non_blocking=True), cfg.data.mean, cfg.data.std, True)
             valid = valid_u.to(META, non_blocking=True)
             terms = u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.3, contextlib.nullcontext)

@@ -100,6 +100,9 @@ class MethodConfig:
     unsup_weight: float = 1.0
     drop_percent_start: float = 20.0  # percent of highest-entropy pixels dropped at t=0
     cutmix_prob: float = 0.5
+    # strong colour augmentation of the student's unlabeled batch (off in the published defaults, spec §3.3):
+    # a random hue rotation of up to this fraction of a full turn per image (0 = off, 0.5 = any hue)
+    hue_jitter: float = 0.0
     ohem: OhemConfig = field(default_factory=OhemConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
@@ -343,6 +346,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"method.ema_decay: must be in [0, 1), got {cfg.method.ema_decay}")
     if not (0 <= cfg.method.cutmix_prob <= 1):
         raise ConfigError(f"method.cutmix_prob: must be in [0, 1], got {cfg.method.cutmix_prob}")
+    if not (0 <= cfg.method.hue_jitter <= 0.5):
+        raise ConfigError(f"method.hue_jitter: must be in [0, 0.5] (a fraction of a full hue turn), "
+                          f"got {cfg.method.hue_jitter}")
     if not (0 <= cfg.method.drop_percent_start < 100):
         raise ConfigError(f"method.drop_percent_start: must be in [0, 100), got {cfg.method.drop_percent_start}")
     if cfg.optim.lr <= 0:

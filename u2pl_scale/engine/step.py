@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..method.contrastive import contrastive_inputs, contrastive_loss
+from ..method.color import random_hue
 from ..method.cutmix import cutmix, cutmix_flag
 from ..method.losses import ohem_ce, unsup_loss_from_reliable
 from ..method.reliability import alpha_t, drop_percent, reliability
@@ -27,6 +28,9 @@ class StepConfig:
     drop_percent_start: float
     low_entropy_start: float
     cutmix_prob: float
+    hue_jitter: float
+    mean: tuple
+    std: tuple
     ohem: bool
     ohem_thresh: float
     ohem_min_kept: int
@@ -45,7 +49,8 @@ class StepConfig:
                    aux_weight=cfg.model.aux_weight if cfg.model.aux_head else 0.0,
                    unsup_weight=m.unsup_weight, contra_weight=c.weight, contra_enabled=c.enabled,
                    drop_percent_start=m.drop_percent_start, low_entropy_start=c.low_entropy_start,
-                   cutmix_prob=m.cutmix_prob, ohem=m.ohem.enabled, ohem_thresh=m.ohem.thresh,
+                   cutmix_prob=m.cutmix_prob, hue_jitter=m.hue_jitter, mean=tuple(cfg.data.mean),
+                   std=tuple(cfg.data.std), ohem=m.ohem.enabled, ohem_thresh=m.ohem.thresh,
                    ohem_min_kept=m.ohem.min_kept, anchor_threshold=c.anchor_threshold,
                    negative_threshold=c.negative_threshold, low_rank=c.low_rank, high_rank=c.high_rank,
                    num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature)
@@ -87,7 +92,8 @@ def supervised_step(sc: StepConfig, student, x_l: torch.Tensor, y_l: torch.Tenso
 
 def pseudo_labels(sc: StepConfig, teacher, x_u, valid_u, autocast_ctx, generator=None):
     """Steps 2-3: teacher (eval mode) argmax on the weakly augmented unlabeled batch, then CutMix of images and
-    pseudo-labels (and confidence) with one box per image, for the whole batch with probability cutmix_prob."""
+    pseudo-labels (and confidence) with one box per image, for the whole batch with probability cutmix_prob,
+    and, if method.hue_jitter > 0 (off in the published defaults), a random hue rotation of each image."""
     teacher.eval()
     with torch.no_grad(), autocast_ctx():
         prob_u = torch.softmax(upsample(teacher(x_u)["pred"].float(), x_u.shape[-2:]), dim=1)
@@ -95,6 +101,8 @@ def pseudo_labels(sc: StepConfig, teacher, x_u, valid_u, autocast_ctx, generator
     pseudo_u = torch.where(valid_u, pseudo_u, torch.full_like(pseudo_u, sc.ignore_index))
     apply = cutmix_flag(sc.cutmix_prob, generator=generator, device=x_u.device)
     x_u, pseudo_u, _ = cutmix(x_u, pseudo_u, conf_u, apply=apply, generator=generator)
+    if sc.hue_jitter > 0:
+        x_u = random_hue(x_u, sc.hue_jitter, sc.mean, sc.std, generator=generator)
     return x_u, pseudo_u
 
 
