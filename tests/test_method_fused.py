@@ -71,6 +71,20 @@ def test_rank_masks_follow_a_stable_sort_with_ties():
         assert torch.equal(contrastive._top_mask(keys, k, largest=False), rank >= 6 - k), k
 
 
+def test_value_rank_masks_equal_a_stable_sort_including_tied_pixels():
+    """The CPU masks from rounds over the values (ties redone from the keys) against a stable sort, on values
+    quantised so that most pixels hold ties at some rank, plus untied pixels."""
+    gen = torch.Generator().manual_seed(4)
+    tied = torch.randint(0, 4, (3, 7, 50), generator=gen).float() / 4  # 4 levels over 7 classes: many ties
+    untied = torch.softmax(torch.randn(3, 7, 50, generator=gen), 1)
+    values = torch.cat([tied, untied], dim=2)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices  # ties: lower class first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(7)[None, :, None].expand_as(order))
+    for k in range(8):
+        assert torch.equal(contrastive._value_top_mask(values, k, largest=True), rank < k), k
+        assert torch.equal(contrastive._value_top_mask(values, k, largest=False), rank >= 7 - k), k
+
+
 def test_anchor_sampling_from_labels_picks_the_same_pixels_as_the_running_count():
     gen = torch.Generator().manual_seed(2)
     anchor_label = torch.randint(0, 5, (200,), generator=gen)  # 4 = no class; class 3 made empty below

@@ -119,6 +119,30 @@ def _top_mask(keys: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return keys >= kth
 
 
+def _value_top_mask(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """CPU twin of `_top_mask(_rank_keys(values), k, largest)` with the same result: rounds of max (min) over the
+    fp32 values themselves (half the bytes of the int64 keys, and no key pass; measured 2x faster at VOC shapes).
+    A pixel whose k-th value is tied selects more than k classes; those few pixels (~1 in 60000 for a softmax) are
+    redone from their keys. Reading the tie count is a host read, which costs nothing on CPU."""
+    num_classes = values.shape[1]
+    if k > num_classes - k:
+        return ~_value_top_mask(values, num_classes - k, not largest)
+    if k <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    reduce = torch.amax if largest else torch.amin
+    beyond = float("-inf") if largest else float("inf")
+    kth = reduce(values, 1, keepdim=True)
+    for _ in range(k - 1):
+        kth = reduce(torch.where(values < kth if largest else values > kth, values, beyond), 1, keepdim=True)
+    mask = values >= kth if largest else values <= kth
+    tied = mask.sum(1) != k
+    if bool(tied.any()):
+        image, pixel = tied.nonzero(as_tuple=True)
+        rows = values[image, :, pixel]  # [T, C]
+        mask[image, :, pixel] = _top_mask(_rank_keys(rows.t()[None]), k, largest)[0].t()
+    return mask
+
+
 @dataclass
 class _PixelClasses:
     prototype_label: torch.Tensor  # [P] long: label if (label in range & low entropy) else C
@@ -152,8 +176,14 @@ def _pixel_classes(
     anchor_label = torch.where((prototype_label < num_classes) & (q_label > anchor_threshold), prototype_label,
                                num_classes)
 
-    keys = _rank_keys(prob)
-    top_low = _top_mask(keys, min(low_rank, num_classes), largest=True)
+    keys = None if prob.device.type == "cpu" else _rank_keys(prob)  # CPU: masks from the values
+
+    def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
+        if keys is None:
+            return _value_top_mask(prob[images], k, largest)
+        return _top_mask(keys[images], k, largest)
+
+    top_low = rank_mask(slice(None), min(low_rank, num_classes), largest=True)
     candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
     negative = torch.empty(num_classes, batch, height * width, dtype=torch.bool, device=prob.device)
     negative_nc = negative.transpose(0, 1)  # written through an [N, C, hw] view: no transpose copy
@@ -164,7 +194,7 @@ def _pixel_classes(
     if num_labeled < batch:  # unlabeled: ranked in [low_rank, high_rank)
         window = ~top_low[num_labeled:]
         if high_rank < num_classes:
-            window &= ~_top_mask(keys[num_labeled:], num_classes - high_rank, largest=False)
+            window &= ~rank_mask(slice(num_labeled, None), num_classes - high_rank, largest=False)
         torch.logical_and(candidate[num_labeled:], window, out=negative_nc[num_labeled:])
     return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
 
