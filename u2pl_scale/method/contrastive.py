@@ -25,6 +25,7 @@ Differences from the published code, on purpose:
   with the sampled negatives, which then run in bf16 with fp32 accumulation.
 - Ranks come from k rounds of a max over per-pixel keys (value bits, class index) instead of topk/sort over the
   class dim; ties rank the lower class index first (like a stable descending sort), topk left them unspecified.
+  On CPU the rounds run over the fp32 values, and only pixels with a tie at the k-th value use the keys.
 
 How it is computed (same values as the batched [N, C, hw]-mask formulation, measured several times cheaper on CPU):
 - prototype and anchor membership are one label per pixel (a pixel belongs to at most its own class): class sums
