@@ -1,0 +1,51 @@
+"""benchmarks/semi_gain.py (foundation item 9) at a tiny budget: the plumbing, not the gain.
+
+The runs' own summary.json files are the independent source for the table and the gain it prints.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.steps_per_epoch=4", "train.epochs=2", "eval.interval_epochs=1", "data.batch_size_labeled=4",
+        "data.batch_size_unlabeled=4", "data.num_workers=0", "eval.num_pictures=1",
+        "method.contrastive.num_anchors=16", "method.contrastive.queue_size=500"]
+
+
+def semi_gain(tmp_path, *args):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "semi_gain.py"), "--out", str(tmp_path / "out"), *args]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # not from the repo
+
+
+def test_semi_gain_runs_side_by_side_and_reports_the_runs_own_results(demo_shards, tmp_path):
+    proc = semi_gain(tmp_path, "--full", *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summaries = {name: json.loads((tmp_path / "out" / name / "summary.json").read_text())
+                 for name in ("supervised", "u2pl", "full")}
+    configs = {name: yaml.safe_load((tmp_path / "out" / name / "config.yaml").read_text()) for name in summaries}
+    assert {s["steps"] for s in summaries.values()} == {8}
+    assert [summaries[name]["method"] for name in ("supervised", "u2pl", "full")] == ["supervised", "u2pl",
+                                                                                       "supervised"]
+    assert configs["full"]["data"]["labeled"].endswith("full_labeled")
+    assert not configs["supervised"]["data"]["labeled"].endswith("full_labeled")
+    # two runs at a time, each on its share of the cores
+    assert {c["train"]["num_threads"] for c in configs.values()} == {max(1, (os.cpu_count() or 1) // 2)}
+    for title, name in [("supervised-only (1/16 labels)", "supervised"), ("U2PL (1/16 labels + unlabeled)", "u2pl"),
+                        ("supervised, all labels (reference)", "full")]:
+        row = re.search(rf"\| {re.escape(title)} \| ([0-9.]+) \| 8 \|", proc.stdout)
+        assert row and float(row.group(1)) == round(100 * summaries[name]["miou"], 2), title
+    gain = re.search(r"U2PL gain over supervised-only: ([+-][0-9.]+) mIoU", proc.stdout)
+    assert gain and float(gain.group(1)) == round(100 * (summaries["u2pl"]["miou"] - summaries["supervised"]["miou"]), 2)
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert table["U2PL (1/16 labels + unlabeled)"]["miou"] == summaries["u2pl"]["miou"]
+
+
+def test_a_failing_run_stops_the_benchmark_and_names_it(demo_shards, tmp_path):
+    proc = semi_gain(tmp_path, *TINY, "method.contrastive.temperature=-1")
+    assert proc.returncode != 0
+    assert "run failed" in proc.stderr and "method.contrastive.temperature" in proc.stderr
