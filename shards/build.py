@@ -1,7 +1,8 @@
 """Build WebDataset shard sets (labeled / unlabeled / val + manifest.json each) for u2pl-scale.
 
 Run from the repository root, no install needed:
-    python shards/build.py demo [--out shards/demo] [--seed 0] [--num-train 1024] [--labeled-fraction 0.0625]
+    python shards/build.py demo [--out shards/demo] [--seed 0] [--num-train 256] [--labeled-fraction 0.0625]
+    python shards/build.py demo-backbone [--out shards/demo_backbone/resnet10t.safetensors] [--steps 1000]
     python shards/build.py voc --root VOCdevkit/VOC2012 --split-file labeled.txt [--out shards/voc]
     python shards/build.py cityscapes --root cityscapes --split-file labeled.txt [--out shards/cityscapes]
     python shards/build.py coco --root coco [--split-file labeled.txt] [--unlabeled-dir unlabeled2017]
@@ -35,6 +36,15 @@ def _run_demo(args: argparse.Namespace) -> None:
                            labeled_fraction=args.labeled_fraction, num_val=args.num_val, size=args.size,
                            samples_per_shard=args.max_count, workers=args.workers)
     _summarise(manifests, Path(args.out))
+
+
+def _run_demo_backbone(args: argparse.Namespace) -> None:
+    from u2pl_scale.data.demo_backbone import PretrainSettings, pretrain_backbone
+
+    report = pretrain_backbone(args.out, PretrainSettings(backbone=args.backbone, steps=args.steps,
+                                                          num_images=args.num_images, seed=args.seed))
+    print(f"{args.out}: {args.backbone}, {args.steps} steps, held-out shape / texture accuracy "
+          f"{report['held_out_shape_accuracy']:.3f} / {report['held_out_texture_accuracy']:.3f}")
 
 
 def _build(source: datasets.DatasetSource, args: argparse.Namespace) -> None:
@@ -97,13 +107,23 @@ def make_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="procedurally generated shapes-and-textures demo dataset")
     demo.add_argument("--out", default="shards/demo", help="output root (default: shards/demo)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--num-train", type=int, default=1024, help="train images (labeled + unlabeled)")
+    demo.add_argument("--num-train", type=int, default=256, help="train images (labeled + unlabeled)")
     demo.add_argument("--labeled-fraction", type=float, default=1 / 16, help="labeled share of the train images")
     demo.add_argument("--num-val", type=int, default=128)
     demo.add_argument("--size", type=int, default=96, help="image height = width in pixels")
     demo.add_argument("--max-count", type=int, default=64, help="samples per shard")
     demo.add_argument("--workers", type=int, default=1, help="encoding processes")
     demo.set_defaults(run=_run_demo)
+
+    backbone = commands.add_parser(
+        "demo-backbone", help="pretrain a backbone for the demo on generated shape/texture classification "
+                              "images (the stand-in for ImageNet weights; see u2pl_scale/data/demo_backbone.py)")
+    backbone.add_argument("--out", default="shards/demo_backbone/resnet10t.safetensors")
+    backbone.add_argument("--backbone", default="resnet10t", help="timm model name")
+    backbone.add_argument("--steps", type=int, default=1000)
+    backbone.add_argument("--num-images", type=int, default=8192)
+    backbone.add_argument("--seed", type=int, default=0)
+    backbone.set_defaults(run=_run_demo_backbone)
 
     voc = commands.add_parser("voc", help="Pascal VOC 2012 with SBD aug masks")
     voc.add_argument("--root", required=True, help="VOCdevkit/VOC2012")

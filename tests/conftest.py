@@ -10,9 +10,17 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def demo_shards() -> Path:
     """shards/demo (built on first use; the build writes each manifest last, so a finished set has one)."""
+    import json
+    import shutil
+
+    from u2pl_scale.data.demo import DEMO_DATASET, DEMO_SPLITS, build_demo, demo_manifest_paths
+
     root = REPO / "shards" / "demo"
-    if not all((root / split / "manifest.json").is_file() for split in ("labeled", "unlabeled", "val")):
-        from u2pl_scale.data.demo import build_demo
+    manifests = demo_manifest_paths(root)
+    finished = all(manifests[split].is_file() for split in DEMO_SPLITS)
+    if not finished or any(json.loads(manifests[split].read_text()).get("dataset") != DEMO_DATASET
+                           for split in DEMO_SPLITS):  # missing, unfinished or from an older generator
+        shutil.rmtree(root, ignore_errors=True)
         build_demo(out_root=str(root), progress=False)
     return root
 

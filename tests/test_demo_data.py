@@ -26,7 +26,7 @@ def default_demo(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_default_demo_counts_and_manifests(default_demo):
     out, manifests = default_demo
-    expected = {"labeled": (64, True), "unlabeled": (960, False), "val": (128, True), "full_labeled": (1024, True)}
+    expected = {"labeled": (16, True), "unlabeled": (240, False), "val": (128, True), "full_labeled": (256, True)}
     for name, (count, has_masks) in expected.items():
         manifest = json.loads(demo_manifest_paths(out)[name].read_text())
         assert manifest == manifests[name]

@@ -23,7 +23,10 @@ def semi_gain(tmp_path, *args):
 
 
 def test_semi_gain_runs_side_by_side_and_reports_the_runs_own_results(demo_shards, tmp_path):
-    proc = semi_gain(tmp_path, "--full", *TINY)
+    from u2pl_scale.data.demo_backbone import PretrainSettings, pretrain_backbone
+    backbone = tmp_path / "tiny.safetensors"  # a given file is used as it is (the default one is built)
+    pretrain_backbone(backbone, PretrainSettings(num_images=64, steps=2, batch_size=8, held_out=8), progress=False)
+    proc = semi_gain(tmp_path, "--full", "--backbone-file", str(backbone), *TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = {name: json.loads((tmp_path / "out" / name / "summary.json").read_text())
                  for name in ("supervised", "u2pl", "full")}
@@ -32,6 +35,8 @@ def test_semi_gain_runs_side_by_side_and_reports_the_runs_own_results(demo_shard
     assert [summaries[name]["method"] for name in ("supervised", "u2pl", "full")] == ["supervised", "u2pl",
                                                                                        "supervised"]
     assert configs["full"]["data"]["labeled"].endswith("full_labeled")
+    # all three start from the same pretrained backbone
+    assert all(c["model"]["pretrained"] and c["model"]["pretrained_path"] == str(backbone) for c in configs.values())
     assert not configs["supervised"]["data"]["labeled"].endswith("full_labeled")
     # two runs at a time, each on its share of the cores
     assert {c["train"]["num_threads"] for c in configs.values()} == {max(1, (os.cpu_count() or 1) // 2)}
@@ -46,6 +51,11 @@ def test_semi_gain_runs_side_by_side_and_reports_the_runs_own_results(demo_shard
 
 
 def test_a_failing_run_stops_the_benchmark_and_names_it(demo_shards, tmp_path):
-    proc = semi_gain(tmp_path, *TINY, "method.contrastive.temperature=-1")
+    proc = semi_gain(tmp_path, "--init", "scratch", *TINY, "method.contrastive.temperature=-1")
     assert proc.returncode != 0
     assert "run failed" in proc.stderr and "method.contrastive.temperature" in proc.stderr
+
+
+def test_a_missing_backbone_file_is_named(demo_shards, tmp_path):
+    proc = semi_gain(tmp_path, "--backbone-file", str(tmp_path / "nope.safetensors"), *TINY)
+    assert proc.returncode != 0 and "nope.safetensors" in proc.stderr

@@ -10,8 +10,9 @@ cluttered backgrounds (low-saturation gradients, distractor lines, pixel noise).
 (ignore), as in VOC.
 
 The task is sized so that a small CNN trained from scratch for a few CPU minutes learns it (colour quickly; the
-shapes and textures that resolve the overlaps more slowly), and 1/16 of the labels leave a gap to full
-supervision that unlabeled images can close.
+shapes and textures that resolve the overlaps more slowly). 256 train images, 1/16 of them (16) labeled: with a
+pretrained backbone (demo_backbone.py, as the published settings start from ImageNet weights) 16 labels leave a
+clear gap to full supervision that the unlabeled images can close (benchmarks/RESULTS.md).
 
 Every image is a pure function of (seed, split, index), so a build is deterministic and can be parallelised.
 """
@@ -40,7 +41,7 @@ HUE_SPREAD = 0.15
 BACKGROUND_MAX_SATURATION = 0.3
 DEMO_SPLITS = ("labeled", "unlabeled", "val", "full_labeled")
 # the manifests' dataset name; a new generator gets a new name so that shards built by an older one are rebuilt
-DEMO_DATASET = "demo-v3"
+DEMO_DATASET = "demo-v4"  # v4: 256 train images (16 labeled) instead of 1024
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
 
 
@@ -88,7 +89,12 @@ def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
 def _paint(image: np.ndarray, region: np.ndarray, pattern: np.ndarray, class_id: int,
            rng: np.random.Generator) -> None:
     """Paint an object: a hue from its class's family, two tones of it (light, dark) mixed by pattern."""
-    hue = (class_id - 1) / len(SHAPES) + rng.uniform(-HUE_SPREAD, HUE_SPREAD)
+    _paint_hue(image, region, pattern, (class_id - 1) / len(SHAPES) + rng.uniform(-HUE_SPREAD, HUE_SPREAD), rng)
+
+
+def _paint_hue(image: np.ndarray, region: np.ndarray, pattern: np.ndarray, hue: float,
+               rng: np.random.Generator) -> None:
+    """Paint `region` in two tones (light, dark) of `hue` mixed by `pattern`, random saturation and value."""
     saturation, value = rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)
     light = _hsv_to_rgb(hue, saturation, value)
     dark = _hsv_to_rgb(hue, saturation, value * rng.uniform(0.3, 0.6))
@@ -167,7 +173,7 @@ class DemoSampleLoader:
         return encode_sample(key, image, mask, num_classes=NUM_CLASSES)
 
 
-def build_demo(out_root: Union[str, Path] = "shards/demo", seed: int = 0, num_train: int = 1024,
+def build_demo(out_root: Union[str, Path] = "shards/demo", seed: int = 0, num_train: int = 256,
                labeled_fraction: float = 1 / 16, num_val: int = 128, size: int = 96,
                samples_per_shard: int = 64, workers: int = 1, progress: bool = True) -> dict[str, dict]:
     """Write the demo shard sets under out_root and return their manifests by split name.
