@@ -73,11 +73,14 @@ def test_supervised_only_method(demo_shards, tmp_path):
 
 def test_two_gloo_ranks_two_workers_on_uneven_shards(demo_shards, tmp_path):
     """2 ranks x 2 loader workers over an odd number of unlabeled shards: both ranks run every step (no hang)."""
-    unlabeled = json.loads((demo_shards / "unlabeled" / "manifest.json").read_text())
-    assert len(unlabeled["shards"]) % 2 == 1  # 15 shards cannot split evenly over 2 x 2 workers
+    from u2pl_scale.data.demo import build_demo
+    build_demo(tmp_path / "demo", samples_per_shard=48, progress=False)  # the demo's images, in smaller shards
+    unlabeled = json.loads((tmp_path / "demo" / "unlabeled" / "manifest.json").read_text())
+    assert len(unlabeled["shards"]) % 2 == 1  # 5 shards cannot split evenly over 2 x 2 workers
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, str(REPO / "launchers" / "local.py"), "--nproc", "2", *QUICK,
-           "train.epochs=2", "data.num_workers=2", f"train.run_dir={run_dir}"]
+           "train.epochs=2", "data.num_workers=2", f"train.run_dir={run_dir}",
+           *(f"data.{split}={tmp_path / 'demo' / split}" for split in ("labeled", "unlabeled", "val"))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
