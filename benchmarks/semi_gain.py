@@ -10,7 +10,7 @@ The budget: configs/demo.yaml (the demo data: 16 labeled and 240 unlabeled train
 settings) with a lighter model (resnet10t, crop 48) and 1920 steps of 8 + 8 images. As in the published
 settings, both runs start from a pretrained backbone: the demo backbone (u2pl_scale/data/demo_backbone.py,
 pretrained on generated shape/texture classification images, the stand-in for ImageNet weights that cannot be
-downloaded here; built on first use, about 2.5 minutes, then reused). From scratch, a CPU budget of minutes is
+downloaded here; built on first use, about 2 minutes, then reused). From scratch, a CPU budget of minutes is
 spent learning shape and texture at all, and the number of labels hardly matters (benchmarks/RESULTS.md).
 The runs train side by side, each on its share of the CPU cores (--jobs 1: one after the other on all of them);
 small CPU models use two single-thread processes better than one process with two threads, so the pair takes
