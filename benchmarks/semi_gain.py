@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BACKBONE = REPO / "shards" / "demo_backbone" / "resnet10t.safetensors"
+# table rows, in display order
+SUPERVISED, U2PL, FULL = ("supervised-only (1/16 labels)", "U2PL (1/16 labels + unlabeled)",
+                          "supervised, all labels (reference)")
 BUDGET = ["model.backbone=resnet10t", "data.crop_size=48", "train.epochs=16", "eval.interval_epochs=4"]
 
 
@@ -114,17 +117,15 @@ def main() -> int:
         ensure_backbone(backbone)
         init = ["model.pretrained=true", f"model.pretrained_path={backbone}"]
     # The longest run first, so that with --jobs 2 the shorter ones fill the other slot.
-    plan = {"U2PL (1/16 labels + unlabeled)": ("u2pl", [*init, "method.name=u2pl", *args.overrides]),
-            "supervised-only (1/16 labels)": ("supervised", [*init, "method.name=supervised", *args.overrides])}
+    plan = {U2PL: ("u2pl", [*init, "method.name=u2pl", *args.overrides]),
+            SUPERVISED: ("supervised", [*init, "method.name=supervised", *args.overrides])}
     if args.full:
-        plan["supervised, all labels (reference)"] = (
-            "full", [*init, "method.name=supervised", "data.labeled=shards/demo/full_labeled", *args.overrides])
+        plan[FULL] = ("full", [*init, "method.name=supervised", "data.labeled=shards/demo/full_labeled",
+                               *args.overrides])
     t0 = time.time()
     runs = run_all(plan, out, args.jobs)
-    order = ["supervised-only (1/16 labels)", "U2PL (1/16 labels + unlabeled)", "supervised, all labels (reference)"]
-    runs = {title: runs[title] for title in order if title in runs}
-    sup = runs["supervised-only (1/16 labels)"]["miou"]
-    semi = runs["U2PL (1/16 labels + unlabeled)"]["miou"]
+    runs = {title: runs[title] for title in (SUPERVISED, U2PL, FULL) if title in runs}
+    sup, semi = runs[SUPERVISED]["miou"], runs[U2PL]["miou"]
     print("\n| run | mIoU (%) | steps | wall (s) | eval |")
     print("| --- | --- | --- | --- | --- |")
     for name, s in runs.items():

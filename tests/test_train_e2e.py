@@ -71,7 +71,7 @@ def test_supervised_only_method(demo_shards, tmp_path):
     assert {m["phase"] for m in read_metrics(run_dir) if m["kind"] == "train"} == {"sup-only"}
 
 
-def test_two_gloo_ranks_two_workers_on_uneven_shards(demo_shards, tmp_path):
+def test_two_gloo_ranks_two_workers_on_uneven_shards(tmp_path):
     """2 ranks x 2 loader workers over an odd number of unlabeled shards: both ranks run every step (no hang)."""
     from u2pl_scale.data.demo import build_demo
     build_demo(tmp_path / "demo", samples_per_shard=48, progress=False)  # the demo's images, in smaller shards

@@ -127,6 +127,28 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def _place_shape(size: int, shape: str, radius_range: tuple[float, float], centre_range: tuple[float, float],
+                 rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+    """Region of one object: random radius (a fraction of `size`), aspect, centre and rotation -> (mask, cy, cx)."""
+    radius = rng.uniform(*radius_range) * size
+    aspect = math.exp(rng.uniform(-0.3, 0.3))
+    cy, cx = rng.uniform(*centre_range, size=2) * size
+    u, v = _rotated_frame(size, cy, cx, rng.uniform(0, 2 * math.pi))
+    return _shape_mask(shape, u / (radius * aspect), v * aspect / radius, rng), cy, cx
+
+
+def _texture_pattern(size: int, texture: str, cy: float, cx: float, rng: np.random.Generator) -> np.ndarray:
+    """The texture in its own random orientation about the object's centre."""
+    texture_u, texture_v = _rotated_frame(size, cy, cx, rng.uniform(0, math.pi))
+    return _texture(texture, texture_u, texture_v, rng)
+
+
+def _add_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Pixel noise of a random strength, then uint8."""
+    image += rng.normal(0, rng.uniform(4, 16), size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
 def _object_border(label: np.ndarray) -> np.ndarray:
     """Pixels whose 4-neighbourhood holds another label: the ignore band VOC draws around objects."""
     padded = np.pad(label, 1, mode="edge")
@@ -144,20 +166,14 @@ def generate_sample(seed: int, stream: int, index: int, size: int = 96) -> tuple
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 5)):
         class_id = int(rng.integers(1, NUM_CLASSES))
-        radius = rng.uniform(0.12, 0.3) * size
-        aspect = math.exp(rng.uniform(-0.3, 0.3))
-        cy, cx = rng.uniform(-0.05, 1.05, size=2) * size
-        u, v = _rotated_frame(size, cy, cx, rng.uniform(0, 2 * math.pi))
-        region = _shape_mask(SHAPES[class_id - 1], u / (radius * aspect), v * aspect / radius, rng)
+        region, cy, cx = _place_shape(size, SHAPES[class_id - 1], (0.12, 0.3), (-0.05, 1.05), rng)
         if region.sum() < 0.002 * size * size:
             continue  # almost entirely outside the image
         texture = TEXTURES[class_id - 1] if rng.random() > TEXTURE_SWAP_PROB else rng.choice(TEXTURES)
-        texture_u, texture_v = _rotated_frame(size, cy, cx, rng.uniform(0, math.pi))
-        _paint(image, region, _texture(texture, texture_u, texture_v, rng), class_id, rng)
+        _paint(image, region, _texture_pattern(size, texture, cy, cx, rng), class_id, rng)
         label[region] = class_id  # later objects occlude earlier ones
-    image += rng.normal(0, rng.uniform(4, 16), size=image.shape)
     label[_object_border(label)] = IGNORE_INDEX
-    return np.clip(image, 0, 255).astype(np.uint8), label
+    return _add_noise(image, rng), label
 
 
 @dataclass(frozen=True)

@@ -51,16 +51,10 @@ def pretrain_sample(seed: int, index: int, size: int = 48) -> tuple[np.ndarray, 
     rng = np.random.default_rng([seed, PRETRAIN_STREAM, index])
     image = demo._background(size, rng)
     shape_id, texture_id = int(rng.integers(0, len(demo.SHAPES))), int(rng.integers(0, len(demo.TEXTURES)))
-    radius = rng.uniform(0.22, 0.4) * size
-    aspect = math.exp(rng.uniform(-0.3, 0.3))
-    cy, cx = rng.uniform(0.35, 0.65, size=2) * size
-    u, v = demo._rotated_frame(size, cy, cx, rng.uniform(0, 2 * math.pi))
-    region = demo._shape_mask(demo.SHAPES[shape_id], u / (radius * aspect), v * aspect / radius, rng)
-    texture_u, texture_v = demo._rotated_frame(size, cy, cx, rng.uniform(0, math.pi))
-    pattern = demo._texture(demo.TEXTURES[texture_id], texture_u, texture_v, rng)
+    region, cy, cx = demo._place_shape(size, demo.SHAPES[shape_id], (0.22, 0.4), (0.35, 0.65), rng)
+    pattern = demo._texture_pattern(size, demo.TEXTURES[texture_id], cy, cx, rng)
     demo._paint_hue(image, region, pattern, rng.uniform(), rng)
-    image += rng.normal(0, rng.uniform(4, 16), size=image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), shape_id, texture_id
+    return demo._add_noise(image, rng), shape_id, texture_id
 
 
 def _batch(settings: PretrainSettings, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
