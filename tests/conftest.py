@@ -9,19 +9,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_shards() -> Path:
-    """shards/demo (built on first use; the build writes each manifest last, so a finished set has one)."""
-    import json
-    import shutil
-
-    from u2pl_scale.data.demo import DEMO_DATASET, DEMO_SPLITS, build_demo, demo_manifest_paths
+    """shards/demo with all four sets (full_labeled too, for semi_gain --full), rebuilt when missing, unfinished
+    or from an older generator."""
+    from u2pl_scale.data.demo import ensure_demo
 
     root = REPO / "shards" / "demo"
-    manifests = demo_manifest_paths(root)
-    finished = all(manifests[split].is_file() for split in DEMO_SPLITS)
-    if not finished or any(json.loads(manifests[split].read_text()).get("dataset") != DEMO_DATASET
-                           for split in DEMO_SPLITS):  # missing, unfinished or from an older generator
-        shutil.rmtree(root, ignore_errors=True)
-        build_demo(out_root=str(root), progress=False)
+    ensure_demo(root, progress=False)
     return root
 
 

@@ -137,3 +137,37 @@ def test_shards_from_an_older_demo_generator_are_rebuilt(tmp_path):
     assert not (root / "labeled" / "old-shard-000099.tar").exists()
     ensure_demo_data(cfg)  # current shards are left alone
     assert (root / "labeled" / "manifest.json").is_file()
+
+
+def test_an_interrupted_demo_build_is_rebuilt_and_another_dataset_is_left_alone(tmp_path):
+    from u2pl_scale.config import load_config
+    from u2pl_scale.data.demo import DEMO_DATASET, demo_state
+    from u2pl_scale.engine.trainer import ensure_demo_data
+
+    root = tmp_path / "demo"
+    build_demo(root, num_train=32, num_val=4, labeled_fraction=0.25, samples_per_shard=16, progress=False)
+    assert demo_state(root) == "ready"
+    # interrupted before the last set's manifest: the three sets a config reads look finished, the demo is not
+    demo_manifest_paths(root)["full_labeled"].unlink()
+    assert demo_state(root) == "unfinished"
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                      [f"data.{split}={root / split}" for split in ("labeled", "unlabeled", "val")])
+    ensure_demo_data(cfg)
+    assert demo_state(root) == "ready"
+    assert json.loads(demo_manifest_paths(root)["full_labeled"].read_text())["dataset"] == DEMO_DATASET
+    assert json.loads(demo_manifest_paths(root)["labeled"].read_text())["num_samples"] == 16  # the default build
+
+    # a directory named demo that holds someone's own sets is never replaced; a set it lacks is named
+    other = tmp_path / "mine" / "demo"
+    build_demo(other, num_train=32, num_val=4, labeled_fraction=0.25, samples_per_shard=16, progress=False)
+    for path in demo_manifest_paths(other).values():
+        manifest = json.loads(path.read_text())
+        manifest["dataset"] = "my-dataset"
+        path.write_text(json.dumps(manifest))
+    demo_manifest_paths(other)["val"].unlink()
+    assert demo_state(other) == "foreign"
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                      [f"data.{split}={other / split}" for split in ("labeled", "unlabeled", "val")])
+    with pytest.raises(FileNotFoundError, match=str(other / "val")):
+        ensure_demo_data(cfg)
+    assert json.loads(demo_manifest_paths(other)["labeled"].read_text())["dataset"] == "my-dataset"

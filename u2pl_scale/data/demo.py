@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -231,3 +233,37 @@ def build_demo(out_root: Union[str, Path] = "shards/demo", seed: int = 0, num_tr
 def demo_manifest_paths(out_root: Union[str, Path] = "shards/demo") -> dict[str, Path]:
     """manifest.json path of every demo set; all exist once build_demo has finished."""
     return {name: Path(out_root) / name / "manifest.json" for name in DEMO_SPLITS}
+
+
+def demo_state(out_root: Union[str, Path]) -> str:
+    """What is at a demo root: "ready" (every set finished by this generator), "missing" (nothing there),
+    "unfinished" (a set without its manifest, which the build writes last), "stale" (written by an older demo
+    generator) or "foreign" (a manifest of some other dataset: never the demo's to replace)."""
+    if not Path(out_root).exists():
+        return "missing"
+    names = [str(json.loads(path.read_text()).get("dataset", "")) if path.is_file() else None
+             for path in demo_manifest_paths(out_root).values()]
+    if any(name is not None and not name.startswith("demo") for name in names):
+        return "foreign"
+    if any(name is not None and name != DEMO_DATASET for name in names):
+        return "stale"
+    return "unfinished" if None in names else "ready"
+
+
+def ensure_demo(out_root: Union[str, Path] = "shards/demo", progress: bool = True) -> bool:
+    """Build the demo at out_root unless a finished build of this generator is there; True when it built.
+    A missing, unfinished or stale build is replaced as a whole; a root holding another dataset is an error."""
+    out_root = Path(out_root)
+    state = demo_state(out_root)
+    if state == "ready":
+        return False
+    if state == "foreign":
+        raise FileExistsError(f"{out_root} holds a dataset that is not the demo's; not replacing it")
+    if state != "missing":
+        print(f"[u2pl] demo shards at {out_root} are {'from an older generator' if state == 'stale' else state}; "
+              "rebuilding them", flush=True)
+        shutil.rmtree(out_root)
+    else:
+        print(f"[u2pl] demo shards missing at {out_root}; building them", flush=True)
+    build_demo(out_root=out_root, progress=progress)
+    return True

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -34,34 +32,25 @@ from .precision import DTYPES, autocast
 from .step import StepConfig, supervised_step, u2pl_step
 
 
-def _manifest_dataset(path: str) -> str:
-    manifest = Path(path) / "manifest.json"
-    return str(json.loads(manifest.read_text()).get("dataset", "")) if manifest.is_file() else ""
-
-
 def ensure_demo_data(cfg: Config) -> None:
-    """Build the demo shards when the config points at the demo set and it is missing (rank 0 builds)."""
+    """Build the demo shards when the config reads sets of a `demo` directory and that build is missing,
+    unfinished (any of its sets without a manifest) or from an older generator. Rank 0 builds, the others wait;
+    a `demo` directory holding some other dataset is left alone. Then every set the config names must exist."""
     paths = [cfg.data.labeled, cfg.data.unlabeled, cfg.data.val]
     local = [p for p in paths if isinstance(p, str) and "://" not in p and not p.startswith("pipe:") and "{" not in p]
+    roots = sorted({Path(p).parent for p in local if Path(p).parent.name == "demo"})
+    if roots and cfg.data.build_demo_if_missing:
+        from ..data.demo import demo_state, ensure_demo
+
+        if dist.get_rank() == 0:
+            for root in roots:
+                if demo_state(root) != "foreign":
+                    ensure_demo(root)
+        dist.barrier()  # every rank takes it, whatever it saw on disk, so none can pass a build in progress
     # a directory without its manifest is an unfinished build: the manifest is written last
     missing = [p for p in local if not Path(p).exists() or (Path(p).is_dir() and not (Path(p) / "manifest.json").is_file())]
-    from ..data.demo import DEMO_DATASET, build_demo
-    written_by = {p: _manifest_dataset(p) for p in local if p not in missing and Path(p).parent.name == "demo"}
-    stale = [p for p, name in written_by.items() if name.startswith("demo") and name != DEMO_DATASET]
-    if not missing and not (stale and cfg.data.build_demo_if_missing):
-        return
-    demo_parts = [Path(p) for p in missing + stale if Path(p).parent.name == "demo"]
-    if not (cfg.data.build_demo_if_missing and len(demo_parts) == len(missing) + len(stale)):
+    if missing:
         raise FileNotFoundError(f"data: shard set not found: {missing[0]} (build shards with shards/build.py)")
-    if dist.get_rank() == 0:
-        root = demo_parts[0].parent
-        if stale:  # written by an older demo generator: replace the whole set
-            print(f"[u2pl] demo shards at {root} are from an older generator; rebuilding them", flush=True)
-            shutil.rmtree(root)
-        else:
-            print(f"[u2pl] demo shards missing at {root}; building them", flush=True)
-        build_demo(out_root=str(root))
-    dist.barrier()
 
 
 def seed_everything(seed: int) -> None:
