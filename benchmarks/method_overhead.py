@@ -8,7 +8,7 @@ Not measured: model forwards, the upsampling of logits, the supervised loss.
 Inputs are fixed random tensors at the published shapes, features channels-last (as the engine runs), queues
 pre-filled to capacity. Usage:
     python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
-                                         [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16]
+                                         [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile]
 
 CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
 count) a descheduled OpenMP worker makes each barrier cost up to a scheduler time slice, so 2 threads can be
@@ -79,7 +79,7 @@ def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed
                 num_labeled=num_l, feature_size=(feat, feat))
 
 
-def method_step(inputs: dict, progress: float = 0.1, generator=None) -> dict:
+def method_forward(inputs: dict, progress, generator=None):
     # In a training step the student's logits and features are outputs of layers, whose backward consumes the
     # gradients the method returns; views of the leaves play that part here (free, and like a layer they take
     # the gradient as it is instead of copying it, which autograd does for a leaf when the tensor is shared).
@@ -91,8 +91,13 @@ def method_step(inputs: dict, progress: float = 0.1, generator=None) -> dict:
                                            inputs["feature_size"])
     contra = contrastive_loss(rep, inputs["rep_teacher"], inputs["prob_teacher"], labels, low, high,
                               inputs["num_labeled"], inputs["queues"], generator=generator)
-    (unsup + contra.loss).backward()
-    return {"unsup": unsup, "contra": contra.loss, "ratio": rel.reliable_ratio}
+    return unsup, contra.loss, rel.reliable_ratio
+
+
+def method_step(inputs: dict, progress: float = 0.1, generator=None, forward=method_forward) -> dict:
+    unsup, contra, ratio = forward(inputs, progress, generator)
+    (unsup + contra).backward()
+    return {"unsup": unsup, "contra": contra, "ratio": ratio}
 
 
 def sync(device: torch.device) -> None:
@@ -109,6 +114,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--queue-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    parser.add_argument("--compile", action="store_true",
+                        help="the forward under torch.compile, as train.compile_method runs it (the device path on "
+                             "every device; compiled during warm-up; its sampling draws from torch's global RNG)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -116,13 +124,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype))
     generator = torch.Generator(device=device).manual_seed(1)
+    step_kwargs = dict(generator=generator)
+    if args.compile:  # progress as a tensor, as run_method_losses passes it (a float would be a graph constant)
+        torch.manual_seed(1)
+        step_kwargs = dict(progress=torch.tensor(0.1, dtype=torch.float64),
+                           forward=torch.compile(method_forward, dynamic=False))
     times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         inputs["student_logits_u"].grad = None
         inputs["rep"].grad = None
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        method_step(inputs, generator=generator)
+        method_step(inputs, **step_kwargs)
         sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -131,17 +144,18 @@ def main() -> None:
         from torch.profiler import profile
 
         with profile() as prof:
-            method_step(inputs, generator=generator)
+            method_step(inputs, **step_kwargs)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
-    print("| shape | device | queue dtype | steps | timer | median s | min s | max s | p90 s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | device | queue dtype | mode | steps | timer | median s | min s | max s | p90 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, values in (("wall", times), ("process CPU", cpu_times)):
         values = sorted(values)
         p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
-        print(f"| {args.shape} | {device.type} ({threads}) | {args.queue_dtype} | {len(values)} | {name} | "
+        print(f"| {args.shape} | {device.type} ({threads}) | {args.queue_dtype} | "
+              f"{'compiled' if args.compile else 'eager'} | {len(values)} | {name} | "
               f"{statistics.median(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} | {p90:.3f} |")
 
 if __name__ == "__main__":

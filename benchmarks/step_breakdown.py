@@ -32,6 +32,7 @@ CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129
 full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
     python benchmarks/step_breakdown.py [--device cpu|cuda] [--backbone resnet18] [--crop 129] [--batch 2]
         [--precision fp32|bf16] [--channels-last] [--steps 5] [--warmup 2] [--data synthetic|demo] [--threads 2]
+        [--compile-method]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E4
 from u2pl_scale.engine.precision import DTYPES, autocast  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
     StepConfig,
-    method_losses,
+    run_method_losses,
     pseudo_labels,
     supervised_loss,
     teacher_targets,
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--data", choices=["synthetic", "demo"], default="synthetic",
                         help="demo: the shards under shards/demo (6 classes; build them with shards/build.py demo)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    parser.add_argument("--compile-method", action="store_true",
+                        help="train.compile_method: the method losses under torch.compile (compiled in warm-up)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -152,7 +155,7 @@ def main() -> None:
     backbone = args.backbone or ("resnet101" if on_gpu else "resnet18")
     crop = args.crop or (513 if on_gpu else 129)
     overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
-                 f"train.precision={args.precision}"]
+                 f"train.precision={args.precision}", f"train.compile_method={str(args.compile_method).lower()}"]
     if args.data == "demo":
         overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
@@ -246,8 +249,8 @@ def main() -> None:
         # the method's losses on leaf copies of the student's outputs, so their backward stops there
         pred_leaf = pred.detach().requires_grad_()
         rep_leaf = rep.detach().requires_grad_()
-        unsup, contra, _ = method_losses(sc, pred_leaf, rep_leaf, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
-                                         PROGRESS)
+        unsup, contra, _ = run_method_losses(sc, pred_leaf, rep_leaf, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
+                                             queues, PROGRESS)
         (sc.unsup_weight * unsup + sc.contra_weight * contra).backward()
         mark("method work")
 

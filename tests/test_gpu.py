@@ -1,5 +1,6 @@
-"""GPU-only paths: the sync-free queue compaction, no host sync inside the U2PL step, a CUDA training run with
-bf16, channels-last and torch.compile. Skipped without a CUDA device (this project's CI has none)."""
+"""GPU-only paths: the sync-free queue compaction, no host sync inside the U2PL step (eager, and with the method
+compiled), a CUDA training run with bf16, channels-last and torch.compile. Skipped without a CUDA device (this
+project's CI has none)."""
 import json
 from pathlib import Path
 
@@ -29,8 +30,10 @@ def test_static_queue_push_on_gpu_equals_the_cpu_push():
         assert torch.equal(value, gpu.state_dict()[key].cpu()), key
 
 
-def test_u2pl_step_does_not_synchronise_with_the_host():
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["method.contrastive.queue_size=2000"])
+@pytest.mark.parametrize("compile_method", [False, True], ids=["eager", "compiled-method"])
+def test_u2pl_step_does_not_synchronise_with_the_host(compile_method):
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["method.contrastive.queue_size=2000",
+                                                       f"train.compile_method={str(compile_method).lower()}"])
     device = torch.device("cuda")
     student = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
     teacher = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
@@ -41,11 +44,11 @@ def test_u2pl_step_does_not_synchronise_with_the_host():
     y_l = torch.randint(0, 6, (2, 64, 64), device=device)
     valid = torch.ones(2, 64, 64, dtype=torch.bool, device=device)
     ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.1, ctx)["loss"].backward()  # warm-up
+    u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.1, ctx)["loss"].backward()  # warm-up (compiles)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        terms = u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.1, ctx)
+        terms = u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.3, ctx)  # new progress, same graph
         terms["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -56,9 +59,11 @@ def test_u2pl_step_does_not_synchronise_with_the_host():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_cuda_training_run_bf16_channels_last(demo_shards, tmp_path, compiled):
     from u2pl_scale.engine.trainer import train
+    flag = str(compiled).lower()
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        "train.device=cuda", "train.precision=bf16", "train.channels_last=true", f"train.compile={str(compiled).lower()}",
-        "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2", f"train.run_dir={tmp_path}"])
+        "train.device=cuda", "train.precision=bf16", "train.channels_last=true", f"train.compile={flag}",
+        f"train.compile_method={flag}", "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2",
+        f"train.run_dir={tmp_path}"])
     summary = train(cfg)
     assert summary["steps"] == 8 and summary["evaluated_model"] == "teacher"
     assert json.loads((tmp_path / "summary.json").read_text())["miou"] is not None

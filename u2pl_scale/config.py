@@ -141,6 +141,7 @@ class TrainConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
+    compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 20
     checkpoint_interval: int = 0  # steps; 0 = at the end of every epoch only

@@ -5,6 +5,7 @@ branch on tensor values), so the GPU never waits inside the step. Logging reads 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class StepConfig:
     num_anchors: int
     num_negatives: int
     temperature: float
+    compile_method: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "StepConfig":
@@ -53,7 +55,8 @@ class StepConfig:
                    std=tuple(cfg.data.std), ohem=m.ohem.enabled, ohem_thresh=m.ohem.thresh,
                    ohem_min_kept=m.ohem.min_kept, anchor_threshold=c.anchor_threshold,
                    negative_threshold=c.negative_threshold, low_rank=c.low_rank, high_rank=c.high_rank,
-                   num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature)
+                   num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature,
+                   compile_method=cfg.train.compile_method)
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:
@@ -139,6 +142,27 @@ def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logit
     return unsup, contra, rel.reliable_ratio
 
 
+@functools.cache
+def compiled_method_losses():
+    """method_losses under torch.compile (train.compile_method). Compiled code takes the method's device path on
+    every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes: on a GPU its ~300
+    small kernels (see benchmarks/RESULTS.md) fuse into a few. At world size > 1 the queues' all-gather splits it.
+    Its random draws (anchor and negative sampling) come from inductor's generator, seeded from torch's."""
+    return torch.compile(method_losses, dynamic=False)
+
+
+def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress: float,
+                      generator=None):
+    """method_losses, compiled when sc.compile_method."""
+    if not sc.compile_method:
+        return method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress, generator)
+    if generator is not None:
+        raise ValueError("train.compile_method draws from torch's global RNG; it takes no generator")
+    # progress as a (host) tensor: a float would be a constant of the graph and recompile it every epoch
+    return compiled_method_losses()(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
+                                    torch.tensor(progress, dtype=torch.float64))
+
+
 def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, progress: float, autocast_ctx,
               generator: torch.Generator | None = None) -> dict:
     """The semi-supervised step (spec §3); `progress` = epoch / epochs drives both schedules."""
@@ -155,8 +179,8 @@ def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, 
     # 6. teacher on the same batch
     prob_t, rep_t, logits_u_t = teacher_targets(teacher, x_all, b_l, autocast_ctx)
     # 7. unsupervised and contrastive losses
-    unsup, contra, reliable = method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
-                                            progress, generator)
+    unsup, contra, reliable = run_method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
+                                                progress, generator)
     # 8. total loss
     loss = sup + sc.unsup_weight * unsup + sc.contra_weight * contra
     return {"loss": loss, "sup": sup.detach(), "unsup": unsup.detach(), "contra": contra.detach(),

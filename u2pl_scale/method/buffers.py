@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from .paths import host_path
+
+
 _POOL: dict[tuple, torch.Tensor] = {}
 _DIRTY_ROWS: dict[tuple, tuple] = {}  # (num_rows, dim, rows written) since the buffer was last all zero
 
@@ -43,7 +46,7 @@ def reusable_empty(name: str, shape: tuple, dtype: torch.dtype, device: torch.de
     numel = 1
     for size in shape:
         numel *= size
-    if device.type != "cpu":
+    if not host_path(device):
         return torch.empty(shape, dtype=dtype, device=device)
     buffer, _ = _acquire((name, dtype), numel, dtype)
     _DIRTY_ROWS.pop((name, dtype), None)
@@ -54,7 +57,7 @@ def scatter_rows(name: str, num_rows: int, index: torch.Tensor, rows: torch.Tens
     """zeros([num_rows, D]).index_add_(0, index, rows) without filling num_rows x D zeros every call on CPU: a
     reused buffer only has the rows written by its previous use zeroed again."""
     dim = rows.shape[1]
-    if rows.device.type != "cpu":
+    if not host_path(rows.device):
         return torch.zeros(num_rows, dim, dtype=rows.dtype, device=rows.device).index_add_(0, index, rows)
     key = (name, rows.dtype)
     flat, reused = _acquire(key, num_rows * dim, rows.dtype)

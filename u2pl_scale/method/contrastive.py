@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .buffers import reusable_empty, scatter_rows
+from .paths import host_path
 from .queues import ClassQueues
 from .reliability import _order_keys, cpu_single_thread, downsample_nearest
 from .fp32 import fp32_region
@@ -172,7 +173,7 @@ def _pixel_classes(
     anchor_label = torch.where((prototype_label < num_classes) & (q_label > anchor_threshold), prototype_label,
                                num_classes)
 
-    keys = None if prob.device.type == "cpu" else _rank_keys(prob)  # CPU: masks from the values
+    keys = None if host_path(prob.device) else _rank_keys(prob)  # CPU: masks from the values
 
     def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
         if keys is None:
@@ -181,10 +182,18 @@ def _pixel_classes(
 
     top_low = rank_mask(slice(None), min(low_rank, num_classes), largest=True)
     candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
+    classes = torch.arange(num_classes, device=prob.device)[None, :, None]
+    if torch.compiler.is_compiling():  # one traceable expression (out= into a transposed view is not traceable)
+        window = ~top_low
+        if high_rank < num_classes:
+            window = window & ~rank_mask(slice(None), num_classes - high_rank, largest=False)
+        labeled = (torch.arange(batch, device=prob.device) < num_labeled)[:, None, None]
+        chosen = torch.where(labeled, top_low & (labels[:, None, :] != classes), window)
+        negative = (candidate & chosen).transpose(0, 1).contiguous()
+        return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
     negative = torch.empty(num_classes, batch, height * width, dtype=torch.bool, device=prob.device)
     negative_nc = negative.transpose(0, 1)  # written through an [N, C, hw] view: no transpose copy
     if num_labeled > 0:  # labeled: among the top low_rank, but not the true label
-        classes = torch.arange(num_classes, device=prob.device)[None, :, None]
         not_label = labels[:num_labeled, None, :] != classes
         torch.logical_and(candidate[:num_labeled] & top_low[:num_labeled], not_label, out=negative_nc[:num_labeled])
     if num_labeled < batch:  # unlabeled: ranked in [low_rank, high_rank)
@@ -258,7 +267,7 @@ def _unit_rows(rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.
 def _gather_pixels(features: torch.Tensor, pixel_index: torch.Tensor) -> torch.Tensor:
     """Rows [M, D] of `features` [N, D, h, w] at flat pixel indices, without copying the whole map."""
     if features.is_contiguous(memory_format=torch.channels_last):
-        if features.device.type == "cpu" and features.requires_grad and features.dim() == 4:
+        if host_path(features.device) and features.requires_grad and features.dim() == 4:
             return _GatherRowsCPU.apply(features, pixel_index)
         return _pixel_rows(features).index_select(0, pixel_index)
     hw = features.shape[2] * features.shape[3]

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .paths import host_path
 from .reliability import Number, cpu_row_chunks, cpu_single_thread, drop_unreliable, entropy_from_logits, percentile
 from .buffers import reusable_empty
 from .fp32 import fp32_region
@@ -119,7 +120,7 @@ def unsup_loss_from_reliable(
     """`(B*H*W / kept) * CE(mean over kept)` as the published compute_unsupervised_loss (spec section 4)."""
     batch, _, height, width = student_logits_u.shape
     kept = kept_count.clamp(min=1).float()
-    if student_logits_u.device.type == "cpu" and student_logits_u.dim() == 4:
+    if host_path(student_logits_u.device) and student_logits_u.dim() == 4:
         with torch.autocast("cpu", enabled=False):
             scale = (batch * height * width / kept) / kept
             return _ScaledCESumCPU.apply(student_logits_u.float(), reliable_labels, ignore_index, scale)

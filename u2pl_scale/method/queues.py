@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..dist import all_gather_cat
 
+from .paths import host_path
 from .reliability import cpu_single_thread
 
 
@@ -80,7 +81,7 @@ class ClassQueues:
         if num_rows == 0:
             return
         mask_cn = class_mask.t().to(torch.bool)  # [C, N]: pairs in class-major order
-        if self.compaction == "exact":
+        if self.compaction == "exact" and host_path(features.device):
             with cpu_single_thread(features.device):  # ~2 x C row copies: see cpu_single_thread
                 self._push_exact(features, mask_cn)
             return

@@ -15,6 +15,7 @@ from typing import Sequence, Union
 
 import torch
 from .fp32 import fp32_region
+from .paths import host_path
 
 Number = Union[float, int, torch.Tensor]
 
@@ -45,10 +46,10 @@ def cpu_single_thread(device: torch.device):
     """One intra-op thread for a loop of many small, cache-sized CPU ops. Each multi-threaded op ends at a
     barrier; on a loaded machine a descheduled worker makes every barrier cost up to a scheduler time slice, so
     hundreds of small parallel ops cost seconds (measured: 4 s instead of 0.3 s per step). No-op off CPU."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or not CPU_LOOPS_SINGLE_THREAD:
+    if not host_path(device) or not CPU_LOOPS_SINGLE_THREAD or torch.get_num_threads() == 1:
         yield
         return
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
@@ -73,7 +74,7 @@ def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch
     Elsewhere: whole-tensor passes of the published formula.
     """
     with fp32_region(logits.device):
-        if logits.device.type != "cpu" or logits.dim() != 4:
+        if not host_path(logits.device) or logits.dim() != 4:
             return entropy(torch.softmax(logits.float(), dim=1), eps)
         batch, classes, height, width = logits.shape
         logits = logits.float()
@@ -149,7 +150,7 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     fraction = (position - lower).float()
     lower_index = lower.long().clamp(0, flat.numel() - 1)
     upper_index = torch.minimum(lower_index + 1, (count - 1).clamp(min=0))
-    if flat.device.type == "cpu":
+    if host_path(flat.device):
         # no device to keep in sync with: select the few order statistics instead of sorting everything
         selected = _select_keys_cpu(keys, torch.cat([lower_index, upper_index]))
         lower_value, upper_value = _from_order_keys(selected).chunk(2)

@@ -1,0 +1,132 @@
+"""train.compile_method: the method losses under torch.compile, on CPU.
+
+Compiled code takes the method's device path (u2pl_scale/method/paths.py), the one a GPU runs, while eager CPU code
+takes the host path. So comparing the two here also checks, on CPU, that both paths compute the same losses,
+gradients and queues. Inductor is asked to draw random numbers with torch's eager ops (fallback_random) so both
+sample the same anchors and negatives.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+
+from test_method_queues import free_port
+from u2pl_scale.config import load_config
+from u2pl_scale.engine.step import StepConfig, run_method_losses
+from u2pl_scale.method.queues import ClassQueues
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES, DIM, CROP, FEAT = 5, 16, 33, 9
+CAPACITIES = [40] + [30] * (CLASSES - 1)
+
+
+def step_config() -> StepConfig:
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.num_classes={CLASSES}", "train.compile_method=true",
+                                                       "method.contrastive.num_anchors=8",
+                                                       "method.contrastive.num_negatives=6"])
+    return StepConfig.from_config(cfg)
+
+
+def make_inputs(seed: int, queue_seed: int, num_labeled: int = 2, num_unlabeled: int = 2):
+    """Student/teacher outputs as method_losses receives them, and full queues with their pointers mid-ring."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = num_labeled + num_unlabeled
+    pred = torch.randn(batch, CLASSES, FEAT, FEAT, generator=gen).requires_grad_()
+    rep = torch.randn(batch, DIM, FEAT, FEAT, generator=gen).contiguous(memory_format=torch.channels_last)
+    rep.requires_grad_()
+    y_l = torch.randint(0, CLASSES, (num_labeled, CROP, CROP), generator=gen)
+    y_l[:, :3] = 255
+    logits_u_t = 3 * torch.randn(num_unlabeled, CLASSES, CROP, CROP, generator=gen)
+    pseudo_u = logits_u_t.argmax(1)
+    pseudo_u[:, -2:] = 255
+    prob_t = torch.softmax(3 * torch.randn(batch, CLASSES, FEAT, FEAT, generator=gen), 1)
+    rep_t = torch.randn(batch, DIM, FEAT, FEAT, generator=gen).contiguous(memory_format=torch.channels_last)
+    queues = ClassQueues(CLASSES, DIM, CAPACITIES)
+    gen = torch.Generator().manual_seed(queue_seed)  # the same on every rank, as the queues are in training
+    queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
+    queues.fill.copy_(queues.capacities)
+    queues.write_ptr.copy_((torch.rand(CLASSES, generator=gen) * queues.capacities).long())
+    queues.buffer[-1] = 0  # the scratch row, which only the device path's padded writes touch
+    return pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues
+
+
+def run(compiled: bool, seed: int, progress: float):
+    pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(seed, seed)
+    sc = step_config()
+    torch.manual_seed(1000 + seed)
+    sc.compile_method = compiled
+    unsup, contra, reliable = run_method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
+                                                progress)
+    (unsup + contra).backward()
+    return dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(), grad_pred=pred.grad,
+                grad_rep=rep.grad, buffer=queues.buffer[:-1].clone(), write_ptr=queues.write_ptr.clone(),
+                fill=queues.fill.clone())
+
+
+def assert_same(eager: dict, compiled: dict):
+    # the pushed rows are the teacher's unit-normalised features: fused normalisation may differ in the last bit
+    for key in ("unsup", "contra", "reliable", "grad_pred", "grad_rep", "buffer"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert eager["contra"] > 0 and eager["grad_rep"].abs().sum() > 0  # the contrastive term did something
+    for key in ("write_ptr", "fill"):
+        assert torch.equal(compiled[key], eager[key]), key
+
+
+def test_compiled_method_is_one_graph_that_matches_the_eager_host_path():
+    torch._dynamo.reset()
+    counters.clear()
+    with inductor_config.patch(fallback_random=True):
+        for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
+            eager = run(False, seed, progress)
+            compiled = run(True, seed, progress)
+            assert_same(eager, compiled)
+    # one graph for the whole method (no graph breaks), and a new training progress does not recompile it
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def _rank_worker(rank: int, port: int, out_dir: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {}
+        with inductor_config.patch(fallback_random=True):
+            for compiled in (False, True):
+                pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(10 + rank, 10)
+                torch.manual_seed(7)
+                sc = step_config()
+                sc.compile_method = compiled
+                unsup, contra, _ = run_method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
+                                                     queues, 0.3)
+                (unsup + contra).backward()
+                results[compiled] = dict(contra=contra.detach(), grad_rep=rep.grad, queues=queues.state_dict())
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_method_on_two_gloo_ranks_shares_the_queues_as_eager_does(tmp_path):
+    mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank in ranks:
+        eager, compiled = rank[False], rank[True]
+        torch.testing.assert_close(compiled["contra"], eager["contra"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled["grad_rep"], eager["grad_rep"], rtol=1e-5, atol=1e-6)
+        for key in ("write_ptr", "fill"):
+            assert torch.equal(compiled["queues"][key], eager["queues"][key]), key
+        torch.testing.assert_close(compiled["queues"]["buffer"][:-1], eager["queues"]["buffer"][:-1], rtol=1e-5,
+                                   atol=1e-6)
+    # both ranks pushed both ranks' negatives into the same queues: identical queues
+    for key in ("buffer", "write_ptr", "fill"):
+        assert torch.equal(ranks[0][True]["queues"][key][:-1 if key == "buffer" else None],
+                           ranks[1][True]["queues"][key][:-1 if key == "buffer" else None]), key
+
+
+def test_compile_method_takes_no_generator():
+    with pytest.raises(ValueError, match="global RNG"):
+        run_method_losses(step_config(), *make_inputs(0, 0), 0.5, generator=torch.Generator())
