@@ -4,6 +4,7 @@
     python benchmarks/semi_gain.py                 # both runs, then a table of mIoU and the gain
     python benchmarks/semi_gain.py --full          # also the fully supervised reference (all train labels)
     python benchmarks/semi_gain.py --init scratch  # both from a random backbone instead
+    python benchmarks/semi_gain.py --seeds 0,1,2,3 # every run once per seed: each seed's gain and the mean
 Extra dotted overrides are applied to every run after the budget below (e.g. train.epochs=4).
 
 The budget: configs/demo.yaml (the demo data: 16 labeled and 240 unlabeled train images; SGD, published U2PL
@@ -21,10 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BACKBONE = REPO / "shards" / "demo_backbone" / "resnet10t.safetensors"
@@ -63,11 +67,13 @@ def finish(name: str, proc: subprocess.Popen, run_dir: Path, t0: float) -> dict:
         raise SystemExit(f"[semi_gain] the {name} run failed (exit {proc.returncode}); see {run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["elapsed_s"] = time.time() - t0
+    summary["seed"] = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"]  # as the run resolved it
     return summary
 
 
-def run_all(plan: dict[str, tuple[str, list[str]]], out_root: Path, jobs: int) -> dict[str, dict]:
-    """Run the planned runs, `jobs` at a time, each on cpu_count // jobs threads; summaries by display name."""
+def run_all(plan: dict, out_root: Path, jobs: int) -> dict:
+    """Run the planned runs ({key: (run directory name, overrides)}), `jobs` at a time, each on cpu_count // jobs
+    threads, in the plan's order; their summaries by key."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results, pending, running = {}, list(plan.items()), []
     try:
@@ -88,6 +94,13 @@ def run_all(plan: dict[str, tuple[str, list[str]]], out_root: Path, jobs: int) -
     return results
 
 
+def seed_list(text: str) -> list[int]:
+    seeds = [int(part) for part in text.split(",") if part.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"need distinct integer seeds, e.g. 0,1,2,3; got {text!r}")
+    return seeds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "semi_gain"))
@@ -99,6 +112,9 @@ def main() -> int:
                         help="pretrained weights (.safetensors); the default file is built when missing")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs at a time, each on cpu_count // jobs threads (default: 2 side by side)")
+    parser.add_argument("--seeds", type=seed_list, default=None,
+                        help="comma-separated seeds (0,1,2,3): train every run once per seed (train.seed) and report "
+                             "each seed's gain and their mean; default: one run each with the config's seed")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.jobs < 1:
@@ -116,25 +132,39 @@ def main() -> int:
         backbone = Path(args.backbone_file).resolve()
         ensure_backbone(backbone)
         init = ["model.pretrained=true", f"model.pretrained_path={backbone}"]
-    # The longest run first, so that with --jobs 2 the shorter ones fill the other slot.
-    plan = {U2PL: ("u2pl", [*init, "method.name=u2pl", *args.overrides]),
-            SUPERVISED: ("supervised", [*init, "method.name=supervised", *args.overrides])}
+    # The longest runs first, so that with --jobs 2 the shorter ones fill the other slot.
+    seeds = args.seeds or [None]  # None: the config's seed
+    kinds = {U2PL: ("u2pl", ["method.name=u2pl"]), SUPERVISED: ("supervised", ["method.name=supervised"])}
     if args.full:
-        plan[FULL] = ("full", [*init, "method.name=supervised", "data.labeled=shards/demo/full_labeled",
-                               *args.overrides])
+        kinds[FULL] = ("full", ["method.name=supervised", "data.labeled=shards/demo/full_labeled"])
+    plan = {}
+    for title, (name, kind) in kinds.items():
+        for seed in seeds:
+            plan[title, seed] = (name if seed is None else f"seed{seed}/{name}",
+                                 [*init, *kind, *args.overrides, *([] if seed is None else [f"train.seed={seed}"])])
     t0 = time.time()
     runs = run_all(plan, out, args.jobs)
-    runs = {title: runs[title] for title in (SUPERVISED, U2PL, FULL) if title in runs}
-    sup, semi = runs[SUPERVISED]["miou"], runs[U2PL]["miou"]
-    print("\n| run | mIoU (%) | steps | wall (s) | eval |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, s in runs.items():
-        print(f"| {name} | {100 * s['miou']:.2f} | {s['steps']} | {s['elapsed_s']:.0f} | {s['eval_mode']} |")
-    print(f"\nU2PL gain over supervised-only: {100 * (semi - sup):+.2f} mIoU "
-          f"(training {time.time() - t0:.0f} s, {args.jobs} run(s) at a time; {time.time() - started:.0f} s in all)")
-    (out / "table.json").write_text(json.dumps({k: {"miou": v["miou"], "steps": v["steps"],
-                                                    "elapsed_s": v["elapsed_s"]} for k, v in runs.items()},
-                                               indent=2))
+    titles = [title for title in (SUPERVISED, U2PL, FULL) if title in kinds]
+    gains = [runs[U2PL, seed]["miou"] - runs[SUPERVISED, seed]["miou"] for seed in seeds]
+    print("\n| run | seed | mIoU (%) | steps | wall (s) | eval |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for seed in seeds:
+        for title in titles:
+            s = runs[title, seed]
+            print(f"| {title} | {s['seed']} | {100 * s['miou']:.2f} | {s['steps']} | "
+                  f"{s['elapsed_s']:.0f} | {s['eval_mode']} |")
+    timing = (f"training {time.time() - t0:.0f} s, {args.jobs} run(s) at a time; {time.time() - started:.0f} s in all")
+    if len(seeds) == 1:
+        print(f"\nU2PL gain over supervised-only: {100 * gains[0]:+.2f} mIoU ({timing})")
+    else:
+        per_seed = ", ".join(f"{seed}: {100 * g:+.2f}" for seed, g in zip(seeds, gains))
+        print(f"\nU2PL gain over supervised-only by seed: {per_seed}")
+        print(f"U2PL gain over supervised-only: mean {100 * statistics.mean(gains):+.2f} mIoU over {len(seeds)} "
+              f"seeds, standard deviation {100 * statistics.stdev(gains):.2f} ({timing})")
+    table = {title if seed is None else f"{title}, seed {seed}": {"miou": run["miou"], "steps": run["steps"],
+                                                                  "seed": run["seed"], "elapsed_s": run["elapsed_s"]}
+             for (title, seed), run in runs.items()}
+    (out / "table.json").write_text(json.dumps(table, indent=2))
     return 0
 
 

@@ -42,12 +42,32 @@ def test_semi_gain_runs_side_by_side_and_reports_the_runs_own_results(demo_shard
     assert {c["train"]["num_threads"] for c in configs.values()} == {max(1, (os.cpu_count() or 1) // 2)}
     for title, name in [("supervised-only (1/16 labels)", "supervised"), ("U2PL (1/16 labels + unlabeled)", "u2pl"),
                         ("supervised, all labels (reference)", "full")]:
-        row = re.search(rf"\| {re.escape(title)} \| ([0-9.]+) \| 8 \|", proc.stdout)
+        row = re.search(rf"\| {re.escape(title)} \| 0 \| ([0-9.]+) \| 8 \|", proc.stdout)  # the config's seed
         assert row and float(row.group(1)) == round(100 * summaries[name]["miou"], 2), title
     gain = re.search(r"U2PL gain over supervised-only: ([+-][0-9.]+) mIoU", proc.stdout)
     assert gain and float(gain.group(1)) == round(100 * (summaries["u2pl"]["miou"] - summaries["supervised"]["miou"]), 2)
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert table["U2PL (1/16 labels + unlabeled)"]["miou"] == summaries["u2pl"]["miou"]
+
+
+def test_seeds_train_every_run_once_per_seed_and_report_the_mean_gain(demo_shards, tmp_path):
+    proc = semi_gain(tmp_path, "--init", "scratch", "--seeds", "3,4", *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gains = {}
+    for seed in (3, 4):
+        runs = {name: tmp_path / "out" / f"seed{seed}" / name for name in ("supervised", "u2pl")}
+        summaries = {name: json.loads((d / "summary.json").read_text()) for name, d in runs.items()}
+        assert {yaml.safe_load((d / "config.yaml").read_text())["train"]["seed"] for d in runs.values()} == {seed}
+        for title, name in [("supervised-only (1/16 labels)", "supervised"),
+                            ("U2PL (1/16 labels + unlabeled)", "u2pl")]:
+            row = re.search(rf"\| {re.escape(title)} \| {seed} \| ([0-9.]+) \| 8 \|", proc.stdout)
+            assert row and float(row.group(1)) == round(100 * summaries[name]["miou"], 2), (title, seed)
+        gains[seed] = 100 * (summaries["u2pl"]["miou"] - summaries["supervised"]["miou"])
+    by_seed = re.search(r"by seed: 3: ([+-][0-9.]+), 4: ([+-][0-9.]+)", proc.stdout)
+    assert by_seed and [float(g) for g in by_seed.groups()] == [round(gains[3], 2), round(gains[4], 2)]
+    mean = re.search(r"mean ([+-][0-9.]+) mIoU over 2 seeds, standard deviation ([0-9.]+)", proc.stdout)
+    assert mean and abs(float(mean.group(1)) - (gains[3] + gains[4]) / 2) < 0.006
+    assert abs(float(mean.group(2)) - abs(gains[3] - gains[4]) / 2 ** 0.5) < 0.006  # sample std of two values
 
 
 def test_a_failing_run_stops_the_benchmark_and_names_it(demo_shards, tmp_path):
