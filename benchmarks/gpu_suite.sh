@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project measures or tests on a GPU, in one command (a lent GPU machine is held for minutes):
 # the GPU tests (tests/test_gpu.py), the step breakdown of VOC 513 ResNet-101 at bf16 channels-last and at fp32
-# (img/s, method work %, host-device syncs, MFU), and the method overhead at VOC and Cityscapes shapes.
+# (img/s, method work %, host-device syncs, MFU), the method overhead at VOC and Cityscapes shapes, and both again
+# with the method compiled (train.compile_method).
 # The full output goes to $OUT/all.log (default OUT=/tmp/gpu_suite); each part's tail is printed as it ends.
 #   bash benchmarks/gpu_suite.sh            # on the GPU machine, from the repository root
 # A dry run of the same commands on a CPU (small shapes): GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh
@@ -37,6 +38,9 @@ run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision 
 run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8
 run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc
+# train.compile_method: the method as one compiled graph (launch-bound in eager on a GPU); compiles in warm-up
+run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile
+run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method
 run overhead_cityscapes 60 python3 benchmarks/method_overhead.py $MDEV --shape cityscapes
 run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
 # torch.compile of the student and teacher (several graphs: train/eval mode, batch sizes): minutes; on a timeout
