@@ -39,13 +39,19 @@ BUDGET = ["model.backbone=resnet10t", "data.crop_size=48", "train.epochs=16", "e
 
 
 def ensure_backbone(path: Path) -> None:
-    """The default demo backbone is built when missing or from another version; another file must exist."""
-    from u2pl_scale.data.demo_backbone import demo_backbone_ready, pretrain_backbone
+    """The default demo backbone is built when missing or from another version; another file must exist.
+    Built by `shards/build.py demo-backbone` in its own process, which trains faster with spinning OpenMP workers
+    than this process could (the package's default, sleeping workers, is read when torch loads)."""
+    from u2pl_scale.data.demo_backbone import demo_backbone_ready
 
     if path == DEFAULT_BACKBONE.resolve():
         if not demo_backbone_ready(path):
             print(f"[semi_gain] pretraining the demo backbone -> {path} (once)", flush=True)
-            report = pretrain_backbone(path, progress=False)
+            build = subprocess.run([sys.executable, str(REPO / "shards" / "build.py"), "demo-backbone", "--out",
+                                    str(path)], cwd=REPO)
+            if build.returncode != 0 or not demo_backbone_ready(path):
+                raise SystemExit(f"[semi_gain] building the demo backbone failed (exit {build.returncode})")
+            report = json.loads(path.with_name(path.name + ".json").read_text())
             print(f"[semi_gain] demo backbone: {report['seconds']:.0f} s, held-out shape / texture accuracy "
                   f"{report['held_out_shape_accuracy']:.3f} / {report['held_out_texture_accuracy']:.3f}",
                   flush=True)

@@ -83,3 +83,27 @@ def test_pretraining_learns_shape_and_texture(tmp_path):
     report = pretrain_backbone(tmp_path / "b.safetensors", settings, progress=False)
     # chance is 0.2 for each: both heads must have learned from the images
     assert report["held_out_shape_accuracy"] > 0.5 and report["held_out_texture_accuracy"] > 0.5, report
+
+
+def test_the_cli_trains_with_spinning_openmp_workers_and_the_same_weights_as_sleeping_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    weights, reports = {}, {}
+    for policy in (None, "PASSIVE"):  # None: the CLI's choice; PASSIVE: the package's default, set by the user
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        out = tmp_path / f"{policy}.safetensors"
+        proc = subprocess.run([sys.executable, "shards/build.py", "demo-backbone", "--out", str(out), "--steps", "3",
+                               "--num-images", "64"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        weights[policy] = load_file(str(out))
+        reports[policy] = json.loads(out.with_name(out.name + ".json").read_text())
+    assert reports[None]["omp_wait_policy"] == "ACTIVE" and reports["PASSIVE"]["omp_wait_policy"] == "PASSIVE"
+    assert reports[None]["threads"] == reports["PASSIVE"]["threads"]
+    assert weights[None].keys() == weights["PASSIVE"].keys()
+    assert all(torch.equal(weights[None][k], weights["PASSIVE"][k]) for k in weights[None])

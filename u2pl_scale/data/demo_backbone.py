@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ def pretrain_backbone(out_path: Union[str, Path], settings: PretrainSettings = P
         "held_out_shape_accuracy": float((out[:, : len(demo.SHAPES)].argmax(1) == shape_true).float().mean()),
         "held_out_texture_accuracy": float((out[:, len(demo.SHAPES):].argmax(1) == texture_true).float().mean()),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),  # speed only: the weights do not depend on it
         "seconds": round(time.perf_counter() - started, 1),
     }
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
