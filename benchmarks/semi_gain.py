@@ -31,6 +31,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# as the user set it, before importing u2pl_scale sets its default (PASSIVE) in this process's environment
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 DEFAULT_BACKBONE = REPO / "shards" / "demo_backbone" / "resnet10t.safetensors"
 # table rows, in display order
 SUPERVISED, U2PL, FULL = ("supervised-only (1/16 labels)", "U2PL (1/16 labels + unlabeled)",
@@ -47,8 +49,11 @@ def ensure_backbone(path: Path) -> None:
     if path == DEFAULT_BACKBONE.resolve():
         if not demo_backbone_ready(path):
             print(f"[semi_gain] pretraining the demo backbone -> {path} (once)", flush=True)
+            env = dict(os.environ)
+            if USER_OMP_WAIT_POLICY is None:  # let the CLI choose its faster policy
+                env.pop("OMP_WAIT_POLICY", None)
             build = subprocess.run([sys.executable, str(REPO / "shards" / "build.py"), "demo-backbone", "--out",
-                                    str(path)], cwd=REPO)
+                                    str(path)], cwd=REPO, env=env)
             if build.returncode != 0 or not demo_backbone_ready(path):
                 raise SystemExit(f"[semi_gain] building the demo backbone failed (exit {build.returncode})")
             report = json.loads(path.with_name(path.name + ".json").read_text())
