@@ -40,6 +40,17 @@ SUPERVISED, U2PL, FULL = ("supervised-only (1/16 labels)", "U2PL (1/16 labels + 
 BUDGET = ["model.backbone=resnet10t", "data.crop_size=48", "train.epochs=16", "eval.interval_epochs=4"]
 
 
+def backbone_build_env(user_policy: str | None) -> dict:
+    """This process's environment for the backbone build, with OMP_WAIT_POLICY as the user set it (none: the CLI
+    picks its faster policy), not the default that importing u2pl_scale put here."""
+    env = dict(os.environ)
+    if user_policy is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = user_policy
+    return env
+
+
 def ensure_backbone(path: Path) -> None:
     """The default demo backbone is built when missing or from another version; another file must exist.
     Built by `shards/build.py demo-backbone` in its own process, which trains faster with spinning OpenMP workers
@@ -49,11 +60,8 @@ def ensure_backbone(path: Path) -> None:
     if path == DEFAULT_BACKBONE.resolve():
         if not demo_backbone_ready(path):
             print(f"[semi_gain] pretraining the demo backbone -> {path} (once)", flush=True)
-            env = dict(os.environ)
-            if USER_OMP_WAIT_POLICY is None:  # let the CLI choose its faster policy
-                env.pop("OMP_WAIT_POLICY", None)
             build = subprocess.run([sys.executable, str(REPO / "shards" / "build.py"), "demo-backbone", "--out",
-                                    str(path)], cwd=REPO, env=env)
+                                    str(path)], cwd=REPO, env=backbone_build_env(USER_OMP_WAIT_POLICY))
             if build.returncode != 0 or not demo_backbone_ready(path):
                 raise SystemExit(f"[semi_gain] building the demo backbone failed (exit {build.returncode})")
             report = json.loads(path.with_name(path.name + ".json").read_text())

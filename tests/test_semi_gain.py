@@ -79,3 +79,15 @@ def test_a_failing_run_stops_the_benchmark_and_names_it(demo_shards, tmp_path):
 def test_a_missing_backbone_file_is_named(demo_shards, tmp_path):
     proc = semi_gain(tmp_path, "--backbone-file", str(tmp_path / "nope.safetensors"), *TINY)
     assert proc.returncode != 0 and "nope.safetensors" in proc.stderr
+
+
+def test_the_backbone_build_gets_the_users_openmp_policy_not_the_packages_default(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("semi_gain", REPO / "benchmarks" / "semi_gain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as importing u2pl_scale sets it in this process
+    assert "OMP_WAIT_POLICY" not in module.backbone_build_env(None)  # unset by the user: the CLI chooses
+    assert module.backbone_build_env("passive")["OMP_WAIT_POLICY"] == "passive"
+    assert module.backbone_build_env(None)["PATH"] == os.environ["PATH"]
