@@ -10,6 +10,8 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# one Inductor cache for every part (a graph compiled by one part is loaded by the next)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/gpu_suite_inductor}
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -23,6 +25,7 @@ else
 fi
 run() {  # name, timeout, command...
     local name=$1 limit=$2; shift 2
+    if [ -n "${GPU_SUITE_ONLY:-}" ] && [[ " $GPU_SUITE_ONLY " != *" $name "* ]]; then return; fi
     echo "=== $name: $*" | tee -a "$OUT/summary.txt"
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/last.log" 2>&1
@@ -33,16 +36,19 @@ run() {  # name, timeout, command...
 }
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
-run test_gpu_fast 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow"
+# the parts in order of what they decide (a lease can end early; GPU_SUITE_ONLY="name ..." runs only those named)
 run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
+# train.compile_method: the method as one compiled graph replayed as CUDA graphs (launch-bound in eager on a GPU)
+run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method
+# the method replayed as CUDA graphs (train.compile_method_mode=reduce-overhead): no syncs, fresh inputs each replay
+run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" -k graphs
+run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc
+run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile
+run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs"
+run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
 run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8
-run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc
-# train.compile_method: the method as one compiled graph (launch-bound in eager on a GPU); compiles in warm-up
-run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile
-run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method
 run overhead_cityscapes 60 python3 benchmarks/method_overhead.py $MDEV --shape cityscapes
-run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
 # torch.compile of the student and teacher (several graphs: train/eval mode, batch sizes): minutes; on a timeout
 # pytest-timeout prints where it was
 run test_gpu_run_compiled 300 python3 -m pytest -q -p no:cacheprovider --durations=0 --timeout=280 tests/test_gpu.py -m slow -k compiled

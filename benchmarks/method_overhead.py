@@ -8,7 +8,7 @@ Not measured: model forwards, the upsampling of logits, the supervised loss.
 Inputs are fixed random tensors at the published shapes, features channels-last (as the engine runs), queues
 pre-filled to capacity. Usage:
     python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
-                                         [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile]
+                                         [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile [MODE]]
 
 CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
 count) a descheduled OpenMP worker makes each barrier cost up to a scheduler time slice, so 2 threads can be
@@ -47,6 +47,7 @@ from u2pl_scale.method import (
     reliability,
     unsup_loss_from_reliable,
 )
+from u2pl_scale.engine.step import begin_graph_step, progress_tensor  # noqa: E402
 
 SHAPES = {
     # name: (labeled, unlabeled, crop, feature size, classes, capacities)
@@ -114,9 +115,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--queue-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
-    parser.add_argument("--compile", action="store_true",
-                        help="the forward under torch.compile, as train.compile_method runs it (the device path on "
-                             "every device; compiled during warm-up; its sampling draws from torch's global RNG)")
+    parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="the forward under torch.compile with this mode (default: reduce-overhead, CUDA graphs "
+                             "on a GPU), as train.compile_method runs it (the device path on every device; compiled "
+                             "during warm-up; its sampling draws from torch's global RNG)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -125,10 +128,15 @@ def main() -> None:
     inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype))
     generator = torch.Generator(device=device).manual_seed(1)
     step_kwargs = dict(generator=generator)
-    if args.compile:  # progress as a tensor, as run_method_losses passes it (a float would be a graph constant)
+    if args.compile:  # as run_method_losses calls it
         torch.manual_seed(1)
-        step_kwargs = dict(progress=torch.tensor(0.1, dtype=torch.float64),
-                           forward=torch.compile(method_forward, dynamic=False))
+        compiled = torch.compile(method_forward, dynamic=False, mode=args.compile)
+
+        def forward(inputs, progress, generator):
+            begin_graph_step(inputs["queues"], args.compile)
+            return compiled(inputs, progress_tensor(progress, device), generator)
+
+        step_kwargs = dict(forward=forward)
     times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         inputs["student_logits_u"].grad = None
@@ -145,7 +153,8 @@ def main() -> None:
 
         with profile() as prof:
             method_step(inputs, **step_kwargs)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=30))
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
@@ -155,7 +164,7 @@ def main() -> None:
         values = sorted(values)
         p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
         print(f"| {args.shape} | {device.type} ({threads}) | {args.queue_dtype} | "
-              f"{'compiled' if args.compile else 'eager'} | {len(values)} | {name} | "
+              f"{f'compiled ({args.compile})' if args.compile else 'eager'} | {len(values)} | {name} | "
               f"{statistics.median(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} | {p90:.3f} |")
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129
 full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
     python benchmarks/step_breakdown.py [--device cpu|cuda] [--backbone resnet18] [--crop 129] [--batch 2]
         [--precision fp32|bf16] [--channels-last] [--steps 5] [--warmup 2] [--data synthetic|demo] [--threads 2]
-        [--compile-method]
+        [--compile-method [MODE]]
 """
 
 from __future__ import annotations
@@ -142,8 +142,10 @@ def main() -> None:
     parser.add_argument("--data", choices=["synthetic", "demo"], default="synthetic",
                         help="demo: the shards under shards/demo (6 classes; build them with shards/build.py demo)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
-    parser.add_argument("--compile-method", action="store_true",
-                        help="train.compile_method: the method losses under torch.compile (compiled in warm-up)")
+    parser.add_argument("--compile-method", nargs="?", const="reduce-overhead", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="train.compile_method with this train.compile_method_mode (default reduce-overhead: CUDA "
+                             "graphs on a GPU): the method losses under torch.compile (compiled in warm-up)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -155,7 +157,8 @@ def main() -> None:
     backbone = args.backbone or ("resnet101" if on_gpu else "resnet18")
     crop = args.crop or (513 if on_gpu else 129)
     overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
-                 f"train.precision={args.precision}", f"train.compile_method={str(args.compile_method).lower()}"]
+                 f"train.precision={args.precision}", f"train.compile_method={str(bool(args.compile_method)).lower()}",
+                 f"train.compile_method_mode={args.compile_method or 'reduce-overhead'}"]
     if args.data == "demo":
         overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
@@ -323,7 +326,8 @@ def main() -> None:
     images = 2 * args.batch
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
     print(f"U2PL step breakdown: {backbone}, crop {crop}, {args.batch} + {args.batch} images, {num_classes} classes, "
-          f"{args.precision}, {'channels-last' if args.channels_last else 'contiguous'}, data {args.data}, {where}; "
+          f"{args.precision}, {'channels-last' if args.channels_last else 'contiguous'}, data {args.data}, {where}, "
+          f"method {f'compiled ({args.compile_method})' if args.compile_method else 'eager'}; "
           f"median of {args.steps} steps; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
     print()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from u2pl_scale.engine.step import StepConfig, u2pl_step
+from u2pl_scale.engine.step import StepConfig, run_method_losses, u2pl_step
 from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
 from u2pl_scale.config import load_config
@@ -30,10 +30,12 @@ def test_static_queue_push_on_gpu_equals_the_cpu_push():
         assert torch.equal(value, gpu.state_dict()[key].cpu()), key
 
 
-@pytest.mark.parametrize("compile_method", [False, True], ids=["eager", "compiled-method"])
-def test_u2pl_step_does_not_synchronise_with_the_host(compile_method):
+@pytest.mark.parametrize("mode", [None, "default", "reduce-overhead"],
+                         ids=["eager", "compiled-method", "compiled-method-cuda-graphs"])
+def test_u2pl_step_does_not_synchronise_with_the_host(mode):
     cfg = load_config(REPO / "configs" / "demo.yaml", ["method.contrastive.queue_size=2000",
-                                                       f"train.compile_method={str(compile_method).lower()}"])
+                                                       f"train.compile_method={str(mode is not None).lower()}",
+                                                       f"train.compile_method_mode={mode or 'default'}"])
     device = torch.device("cuda")
     student = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
     teacher = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
@@ -44,7 +46,8 @@ def test_u2pl_step_does_not_synchronise_with_the_host(compile_method):
     y_l = torch.randint(0, 6, (2, 64, 64), device=device)
     valid = torch.ones(2, 64, 64, dtype=torch.bool, device=device)
     ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, 0.1, ctx)["loss"].backward()  # warm-up (compiles)
+    for progress in (0.1, 0.2):  # warm-up: compiles; with CUDA graphs a warm-up run, then the graphs' recording
+        u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid, progress, ctx)["loss"].backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -53,6 +56,40 @@ def test_u2pl_step_does_not_synchronise_with_the_host(compile_method):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(terms["loss"]).item()
+
+
+def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_queues():
+    """compile_method_mode=reduce-overhead against the same compiled method without CUDA graphs, over three steps
+    with new inputs each (the third is a replay of the recorded graphs): the sampling-free parts agree (the
+    unsupervised loss, its gradient, the reliable ratio, the queue pointers and fill); the contrastive loss is
+    finite and positive. The same queues feed both, copied before each step."""
+    from test_compile_method import make_inputs, step_config
+
+    sc_graphs, sc_plain = step_config(), step_config()
+    sc_graphs.compile_method_mode, sc_plain.compile_method_mode = "reduce-overhead", "default"
+    queues = {"graphs": None, "plain": None}
+    for step, progress in enumerate((0.1, 0.5, 0.9)):
+        inputs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in make_inputs(step, 0)]
+        cpu_queues = inputs[-1]
+        results = {}
+        for name, sc in (("graphs", sc_graphs), ("plain", sc_plain)):
+            if queues[name] is None:
+                queues[name] = ClassQueues(cpu_queues.num_classes, cpu_queues.dim, cpu_queues.capacity_list,
+                                           device="cuda")
+                queues[name].load_state_dict({k: v.cuda() for k, v in cpu_queues.state_dict().items()})
+            pred = inputs[0].detach().clone().requires_grad_()
+            rep = inputs[1].detach().clone().requires_grad_()
+            unsup, contra, reliable = run_method_losses(sc, pred, rep, *inputs[2:7], queues[name], progress)
+            (unsup + contra).backward()
+            results[name] = dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(),
+                                 grad_pred=pred.grad, write_ptr=queues[name].write_ptr.clone(),
+                                 fill=queues[name].fill.clone())
+        graphs, plain = results["graphs"], results["plain"]
+        for key in ("unsup", "reliable", "grad_pred"):
+            torch.testing.assert_close(graphs[key], plain[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
+        for key in ("write_ptr", "fill"):
+            assert torch.equal(graphs[key], plain[key]), f"step {step}: {key}"
+        assert torch.isfinite(graphs["contra"]) and graphs["contra"] > 0
 
 
 @pytest.mark.slow

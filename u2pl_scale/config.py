@@ -142,6 +142,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
+    # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds)
+    compile_method_mode: str = "reduce-overhead"
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 20
     checkpoint_interval: int = 0  # steps; 0 = at the end of every epoch only
@@ -172,6 +174,7 @@ class Config:
 
 
 _CHOICES = {
+    "train.compile_method_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.on_bad_sample": ("skip", "error"),
     "method.name": ("u2pl", "supervised"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),

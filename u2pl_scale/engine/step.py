@@ -43,6 +43,7 @@ class StepConfig:
     num_negatives: int
     temperature: float
     compile_method: bool = False
+    compile_method_mode: str = "reduce-overhead"
 
     @classmethod
     def from_config(cls, cfg) -> "StepConfig":
@@ -56,7 +57,7 @@ class StepConfig:
                    ohem_min_kept=m.ohem.min_kept, anchor_threshold=c.anchor_threshold,
                    negative_threshold=c.negative_threshold, low_rank=c.low_rank, high_rank=c.high_rank,
                    num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature,
-                   compile_method=cfg.train.compile_method)
+                   compile_method=cfg.train.compile_method, compile_method_mode=cfg.train.compile_method_mode)
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:
@@ -143,12 +144,38 @@ def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logit
 
 
 @functools.cache
-def compiled_method_losses():
-    """method_losses under torch.compile (train.compile_method). Compiled code takes the method's device path on
-    every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes: on a GPU its ~300
-    small kernels (see benchmarks/RESULTS.md) fuse into a few. At world size > 1 the queues' all-gather splits it.
+def compiled_method_losses(mode: str = "default"):
+    """method_losses under torch.compile (train.compile_method, train.compile_method_mode). Compiled code takes the
+    method's device path on every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes:
+    on a GPU its ~300 small kernels (see benchmarks/RESULTS.md) fuse into a few, and with mode reduce-overhead the
+    forward and the backward each replay as one CUDA graph. At world size > 1 the queues' all-gather splits it.
     Its random draws (anchor and negative sampling) come from inductor's generator, seeded from torch's."""
-    return torch.compile(method_losses, dynamic=False)
+    return torch.compile(method_losses, dynamic=False, mode=mode)
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether a torch.compile mode replays the compiled graph as CUDA graphs (on a CUDA device)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def begin_graph_step(queues, mode: str) -> None:
+    """Before each call of the method compiled with `mode`. With CUDA graphs: the queue tensors, updated in place
+    by the method, become static inputs (fixed addresses, which a graph may write; inductor would otherwise skip CUDA
+    graphs for a graph that mutates its inputs), and a new step begins (the last step's graph outputs are no longer
+    read, so the next replay may overwrite them)."""
+    if not uses_cuda_graphs(mode):
+        return
+    for tensor in queues.state_dict().values():
+        if getattr(tensor, "_dynamo_static_input_type", None) is None:
+            torch._dynamo.mark_static_address(tensor)
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def progress_tensor(progress: float, device) -> torch.Tensor:
+    """The training progress as the compiled method takes it: a tensor on the training device, filled by a kernel
+    from the host value (no copy, no sync). A float would be a constant of the graph and recompile it every epoch;
+    a host tensor would be copied over, which synchronises."""
+    return torch.full((), progress, dtype=torch.float64, device=device)
 
 
 def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress: float,
@@ -158,9 +185,11 @@ def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, l
         return method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress, generator)
     if generator is not None:
         raise ValueError("train.compile_method draws from torch's global RNG; it takes no generator")
-    # progress as a (host) tensor: a float would be a constant of the graph and recompile it every epoch
-    return compiled_method_losses()(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
-                                    torch.tensor(progress, dtype=torch.float64))
+    begin_graph_step(queues, sc.compile_method_mode)
+    out = compiled_method_losses(sc.compile_method_mode)(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
+                                                         queues, progress_tensor(progress, pred.device))
+    # CUDA-graph outputs live in the graph's memory pool until its next replay: the caller may keep them longer
+    return tuple(t.clone() for t in out) if uses_cuda_graphs(sc.compile_method_mode) else out
 
 
 def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, progress: float, autocast_ctx,
