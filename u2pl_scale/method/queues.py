@@ -6,8 +6,8 @@ tensors. Semantics equal the published dequeue_and_enqueue (`queue = cat(queue, 
 class c holds, as a multiset, the newest min(total pushed, capacity_c) keys.
 
 A push is vectorised over classes: each (pixel, class) pair gets its rank within its class by a cumsum, only the
-newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and written with one
-index_copy_. The kept pairs are compacted with `torch.nonzero_static` to a size fixed by the shapes
+newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and written by one row
+copy (rowcopy.copy_rows_: a Triton kernel on CUDA that skips the padding, else index_copy_). The kept pairs are compacted with `torch.nonzero_static` to a size fixed by the shapes
 (min(pixels x classes, sum(capacities), max_pairs)), so accelerators never sync. On a CPU device there is no
 host/device boundary to protect, and the padded write of up to sum(capacities) rows would dominate the step, so
 the CPU ("exact") path reads the per-class counts on the host and copies each class's newest rows with
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ..dist import all_gather_cat
 
 from .paths import host_path
+from .rowcopy import copy_rows_
 from .reliability import cpu_single_thread
 
 
@@ -96,7 +97,8 @@ class ClassQueues:
             static_size = min(static_size, int(max_pairs))
         pair = torch.nonzero_static(flat_keep, size=static_size, fill_value=-1)[:, 0]
         padding = pair < 0
-        self.dropped_pairs += (flat_keep.sum() - static_size).clamp(min=0)
+        total_pairs = flat_keep.sum()
+        self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
         pair = pair.clamp(min=0)
 
         cls = torch.div(pair, num_rows, rounding_mode="floor")
@@ -105,7 +107,8 @@ class ClassQueues:
         slot = self.offsets[cls] + torch.remainder(self.write_ptr[cls] + position, self.capacities[cls])
         slot = torch.where(padding, torch.full_like(slot, self.scratch_row), slot)
         row = torch.where(padding, torch.zeros_like(row), row)
-        self.buffer.index_copy_(0, slot, features.index_select(0, row).to(self.dtype))
+        # the real pairs come first in `pair`: copy those rows only where the device can skip the padding
+        copy_rows_(self.buffer, slot, features, row, total_pairs.clamp(max=static_size))
 
         kept = pushed - overflow
         self.write_ptr.copy_(torch.remainder(self.write_ptr + kept, self.capacities))

@@ -1,0 +1,96 @@
+"""rowcopy.copy_rows_: the queue push's row copy, dst[dst_index[i]] = src[src_index[i]] for i < count.
+
+The Triton kernel (used on CUDA devices) runs here in Triton's interpreter on CPU tensors, in a subprocess because
+TRITON_INTERPRET is read when the kernel is defined; tests/test_gpu.py runs it compiled on a GPU through the push.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from u2pl_scale.method.rowcopy import copy_rows_
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference(dst, dst_index, src, src_index, count):
+    out = dst.clone()
+    for i in range(int(count)):
+        out[int(dst_index[i])] = src[int(src_index[i])].to(dst.dtype)
+    return out
+
+
+def test_triton_kernel_copies_the_first_count_rows_only():
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from u2pl_scale.method.rowcopy import launch_triton
+        g = torch.Generator().manual_seed(0)
+        results = []
+        # dim above one column block (300 > 256), a non-power-of-two dim, bf16, rows of src with a stride
+        for dim, dtype, count in ((300, torch.float32, 23), (20, torch.bfloat16, 37), (256, torch.float32, 0)):
+            dst = torch.randn(50, dim, generator=g).to(dtype)
+            src = torch.randn(40, dim + 3, generator=g).to(dtype)[:, :dim]
+            dst_index = torch.randperm(49, generator=g)[:37]
+            src_index = torch.randint(0, 40, (37,), generator=g)
+            out = dst.clone()
+            launch_triton(out, dst_index, src, src_index, torch.tensor(count))
+            results.append(dict(dst=dst, src=src, dst_index=dst_index, src_index=src_index, count=count, out=out))
+        torch.save(results, "results.pt")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    work = REPO / ".pytest_rowcopy"
+    work.mkdir(exist_ok=True)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = torch.load(work / "results.pt")
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+    for r in results:
+        expected = reference(r["dst"], r["dst_index"], r["src"], r["src_index"], r["count"])
+        assert torch.equal(r["out"], expected), (r["dst"].shape, r["dst"].dtype, r["count"])
+        if r["count"] == 0:
+            assert torch.equal(r["out"], r["dst"])
+
+
+def test_op_on_cpu_and_under_compile_writes_the_real_rows():
+    g = torch.Generator().manual_seed(1)
+    dst = torch.randn(30, 8, generator=g)
+    src = torch.randn(12, 8, generator=g)
+    scratch = 29
+    dst_index = torch.tensor([4, 0, 17, 9, scratch, scratch, scratch])  # 4 real entries, then padding
+    src_index = torch.tensor([3, 11, 0, 3, 0, 0, 0])
+    count = torch.tensor(4)
+    expected = reference(dst, dst_index, src, src_index, count)
+    for fn in (copy_rows_, torch.compile(copy_rows_, dynamic=False)):
+        out = dst.clone()
+        fn(out, dst_index, src, src_index, count)
+        torch.testing.assert_close(out[:scratch], expected[:scratch], rtol=0, atol=0)  # the scratch row is unread
+
+
+def test_a_failing_triton_launch_warns_once_and_falls_back_to_index_copy(monkeypatch):
+    from u2pl_scale.method import rowcopy
+
+    def broken(*args):
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(rowcopy, "_triton_failed", [])
+    monkeypatch.setattr(rowcopy, "_uses_triton", lambda dst: not rowcopy._triton_failed)  # as on a CUDA device
+    monkeypatch.setattr(rowcopy, "launch_triton", broken)
+    dst, src = torch.zeros(5, 3), torch.arange(6.0).reshape(2, 3)
+    dst_index, src_index, count = torch.tensor([3, 1]), torch.tensor([1, 0]), torch.tensor(2)
+    with pytest.warns(RuntimeWarning, match="no compiler for this GPU"):
+        copy_rows_(dst, dst_index, src, src_index, count)
+    assert torch.equal(dst, reference(torch.zeros(5, 3), dst_index, src, src_index, count))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy_rows_(dst, dst_index, src, src_index, count)  # no second warning, no second try
