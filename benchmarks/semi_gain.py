@@ -8,7 +8,7 @@
 Extra dotted overrides are applied to every run after the budget below (e.g. train.epochs=4).
 
 The budget: configs/demo.yaml (the demo data: 16 labeled and 240 unlabeled train images; SGD, published U2PL
-settings) with a lighter model (resnet10t, crop 48) and 1920 steps of 8 + 8 images. As in the published
+settings) with a lighter model (resnet10t, crop 48) and 1440 steps of 8 + 8 images. As in the published
 settings, both runs start from a pretrained backbone: the demo backbone (u2pl_scale/data/demo_backbone.py,
 pretrained on generated shape/texture classification images, the stand-in for ImageNet weights that cannot be
 downloaded here; built on first use, about 2 minutes, then reused). From scratch, a CPU budget of minutes is
@@ -37,7 +37,7 @@ DEFAULT_BACKBONE = REPO / "shards" / "demo_backbone" / "resnet10t.safetensors"
 # table rows, in display order
 SUPERVISED, U2PL, FULL = ("supervised-only (1/16 labels)", "U2PL (1/16 labels + unlabeled)",
                           "supervised, all labels (reference)")
-BUDGET = ["model.backbone=resnet10t", "data.crop_size=48", "train.epochs=16", "eval.interval_epochs=4"]
+BUDGET = ["model.backbone=resnet10t", "data.crop_size=48", "train.epochs=12", "eval.interval_epochs=4"]
 
 
 def backbone_build_env(user_policy: str | None) -> dict:
