@@ -26,7 +26,9 @@ The breakdown's synced parts charge each part its full launch time: a part made 
 method work) costs its CPU launch time there, while in the real step those launches overlap the GPU's queue of
 model work. So the method's cost is also given at the margin: the real step timed again without the method work
 (same teacher forwards, student forward, full backward with zero gradients where the method's enter, optimizer
-and EMA), and 1 - without / with.
+and EMA), and 1 - without / with. The steps with and without the method are timed interleaved, alternating
+which comes first, so that a drift of the machine's speed falls on both (the median of each, and the spread of
+the per-pair figure, are printed). On a CPU the step's own spread (+-15 %) is larger than the method's share.
 
 CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129, 2 + 2 images, VOC (21 classes,
 full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
@@ -304,15 +306,21 @@ def main() -> None:
     step_flops = counter.get_total_flops()
     matmul_peak = measured_matmul_peak(device, args.precision) if on_gpu else None
 
-    without_method = []
+    # the marginal cost: steps with and without the method interleaved (alternating which comes first), so that a
+    # drift of the machine's speed during the run (seen on lent GPUs: 40 % between calls) falls on both alike
+    with_method, without_method = [], []
     for _ in range(args.warmup):
         real_step_without_method()
-    for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        real_step_without_method()
-        sync(device)
-        without_method.append(time.perf_counter() - start)
+    for i in range(args.steps):
+        pair = ((real_step, with_method), (real_step_without_method, without_method))
+        for step_fn, out in (pair if i % 2 == 0 else pair[::-1]):
+            sync(device)
+            start = time.perf_counter()
+            step_fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    with_median, without_median = statistics.median(with_method), statistics.median(without_method)
+    pair_margins = sorted(1 - b / a for a, b in zip(with_method, without_method))
 
     times: dict = {}
     for _ in range(args.warmup):
@@ -337,13 +345,16 @@ def main() -> None:
         print(f"| {name} | {1000 * median[name]:.1f} | {100 * median[name] / parts_sum:.1f} |")
     print(f"| sum of parts (breakdown mode, synced between parts) | {1000 * parts_sum:.1f} | 100.0 |")
     print(f"| real step (u2pl_step, no inner syncs) | {1000 * total:.1f} | |")
-    print(f"| real step without the method work (no inner syncs) | {1000 * statistics.median(without_method):.1f} | |")
+    print(f"| real step, interleaved with the next row | {1000 * with_median:.1f} | |")
+    print(f"| real step without the method work, interleaved | {1000 * without_median:.1f} | |")
     print()
     print("| metric | value |")
     print("| --- | --- |")
     print(f"| method work, % of step (breakdown, synced parts) | {100 * median['method work'] / parts_sum:.1f} |")
-    print(f"| method work, marginal % of the real step (1 - without / with) | "
-          f"{100 * (1 - statistics.median(without_method) / total):.1f} |")
+    print(f"| method work, marginal % of the real step (1 - without / with, interleaved medians) | "
+          f"{100 * (1 - without_median / with_median):.1f} |")
+    print(f"| the same per interleaved pair: median (min .. max) | {100 * statistics.median(pair_margins):.1f} "
+          f"({100 * pair_margins[0]:.1f} .. {100 * pair_margins[-1]:.1f}) |")
     print(f"| images/s (real step) | {images / total:.2f} |")
     print(f"| process CPU s per real step | {statistics.median(cpu_totals):.3f} |")
     print(f"| peak memory | {peak:.2f} GiB ({'max_memory_allocated' if on_gpu else 'ru_maxrss, whole process'}) |")
