@@ -276,9 +276,17 @@ def _gather_pixels(features: torch.Tensor, pixel_index: torch.Tensor) -> torch.T
 
 
 def _count_per_class(pixel_label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[P] labels in 0..C (C = none) -> [C] long counts (index_add: no host sync, unlike bincount on CUDA)."""
-    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=pixel_label.device)
-    return counts.index_add_(0, pixel_label, torch.ones_like(pixel_label))[:num_classes]
+    """[P] labels in 0..C (C = none) -> [C] long counts, without a host sync (unlike bincount on CUDA).
+
+    Host path: an index_add. Device path: a compare-and-sum over [C, P], one reduction (fused when compiled). An
+    int64 index_add there is what inductor cannot do with atomics: it falls back to aten's sort-based index_put,
+    which serialises the many pixels of each class (the H100 profile of the compiled method: two such calls, 8.4 of
+    its 10.2 ms of GPU time)."""
+    if host_path(pixel_label.device):
+        counts = torch.zeros(num_classes + 1, dtype=torch.long, device=pixel_label.device)
+        return counts.index_add_(0, pixel_label, torch.ones_like(pixel_label))[:num_classes]
+    classes = torch.arange(num_classes, device=pixel_label.device)
+    return (pixel_label[None, :] == classes[:, None]).sum(1)
 
 
 def sample_anchor_index(
