@@ -25,7 +25,7 @@ def reference(dst, dst_index, src, src_index, count):
     return out
 
 
-def test_triton_kernel_copies_the_first_count_rows_only():
+def test_triton_kernel_copies_the_first_count_rows_only(tmp_path):
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
@@ -44,17 +44,10 @@ def test_triton_kernel_copies_the_first_count_rows_only():
         torch.save(results, "results.pt")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    work = REPO / ".pytest_rowcopy"
-    work.mkdir(exist_ok=True)
-    try:
-        done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        results = torch.load(work / "results.pt")
-    finally:
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt")
     for r in results:
         expected = reference(r["dst"], r["dst_index"], r["src"], r["src_index"], r["count"])
         assert torch.equal(r["out"], expected), (r["dst"].shape, r["dst"].dtype, r["count"])
