@@ -47,6 +47,7 @@ from u2pl_scale.method import (
     reliability,
     unsup_loss_from_reliable,
 )
+from u2pl_scale.config import COMPILE_METHOD_MODES  # noqa: E402
 from u2pl_scale.engine.step import begin_graph_step, progress_tensor  # noqa: E402
 
 SHAPES = {
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--queue-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None,
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        choices=COMPILE_METHOD_MODES,
                         help="the forward under torch.compile with this mode (default: reduce-overhead, CUDA graphs "
                              "on a GPU), as train.compile_method runs it (the device path on every device; compiled "
                              "during warm-up; its sampling draws from torch's global RNG)")

@@ -60,7 +60,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from u2pl_scale.config import load_config, queue_capacities  # noqa: E402
+from u2pl_scale.config import COMPILE_METHOD_MODES, load_config, queue_capacities  # noqa: E402
 from u2pl_scale.data.transforms import normalize  # noqa: E402
 from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from u2pl_scale.engine.precision import DTYPES, autocast  # noqa: E402
@@ -145,7 +145,7 @@ def main() -> None:
                         help="demo: the shards under shards/demo (6 classes; build them with shards/build.py demo)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     parser.add_argument("--compile-method", nargs="?", const="reduce-overhead", default=None,
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        choices=COMPILE_METHOD_MODES,
                         help="train.compile_method with this train.compile_method_mode (default reduce-overhead: CUDA "
                              "graphs on a GPU): the method losses under torch.compile (compiled in warm-up)")
     args = parser.parse_args()
@@ -159,8 +159,9 @@ def main() -> None:
     backbone = args.backbone or ("resnet101" if on_gpu else "resnet18")
     crop = args.crop or (513 if on_gpu else 129)
     overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
-                 f"train.precision={args.precision}", f"train.compile_method={str(bool(args.compile_method)).lower()}",
-                 f"train.compile_method_mode={args.compile_method or 'reduce-overhead'}"]
+                 f"train.precision={args.precision}"]
+    if args.compile_method:
+        overrides += ["train.compile_method=true", f"train.compile_method_mode={args.compile_method}"]
     if args.data == "demo":
         overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]

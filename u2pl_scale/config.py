@@ -173,8 +173,10 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+COMPILE_METHOD_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 _CHOICES = {
-    "train.compile_method_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile_method_mode": COMPILE_METHOD_MODES,
     "data.on_bad_sample": ("skip", "error"),
     "method.name": ("u2pl", "supervised"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),

@@ -144,7 +144,7 @@ def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logit
 
 
 @functools.cache
-def compiled_method_losses(mode: str = "default"):
+def compiled_method_losses(mode: str):
     """method_losses under torch.compile (train.compile_method, train.compile_method_mode). Compiled code takes the
     method's device path on every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes:
     on a GPU its ~300 small kernels (see benchmarks/RESULTS.md) fuse into a few, and with mode reduce-overhead the

@@ -7,8 +7,9 @@ class c holds, as a multiset, the newest min(total pushed, capacity_c) keys.
 
 A push is vectorised over classes: each (pixel, class) pair gets its rank within its class by a cumsum, only the
 newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and written by one row
-copy (rowcopy.copy_rows_: a Triton kernel on CUDA that skips the padding, else index_copy_). The kept pairs are compacted with `torch.nonzero_static` to a size fixed by the shapes
-(min(pixels x classes, sum(capacities), max_pairs)), so accelerators never sync. On a CPU device there is no
+copy (rowcopy.copy_rows_: a Triton kernel on CUDA that skips the padding, else index_copy_). The kept pairs are
+compacted with `torch.nonzero_static` to a size fixed by the shapes (min(pixels x classes, sum(capacities),
+max_pairs)), so accelerators never sync. On a CPU device there is no
 host/device boundary to protect, and the padded write of up to sum(capacities) rows would dominate the step, so
 the CPU ("exact") path reads the per-class counts on the host and copies each class's newest rows with
 `index_select(out=...)` straight into its ring slice(s), without a [pairs, dim] intermediate; both paths write

@@ -4,10 +4,10 @@ The queue push (queues.py) writes its kept (pixel, class) pairs compacted to a s
 and padding after (directed at a scratch row), so that accelerators never read the number of pairs back. With
 index_copy_ every padded entry costs as much as a real one: at the VOC shapes the static size is the queues' whole
 capacity (650,000 rows of 256 floats), and on an H100 that one index_copy_ took 4.2 ms of the method's 7.4 ms of
-GPU time whatever the number of real pairs (benchmarks/RESULTS.md). On a CUDA device with Triton, a Triton kernel copies whole rows (one program per block of
-rows, each row's columns contiguous) and masks off the entries at or after `count`, which cost no memory traffic:
-the copy moves the real rows only. Elsewhere it is the index_copy_ of the padded list (same result outside the
-scratch row, which is never read).
+GPU time whatever the number of real pairs (benchmarks/RESULTS.md). On a CUDA device with Triton, a Triton kernel
+copies whole rows (one program per block of rows, each row's columns contiguous) and masks off the entries at or
+after `count`, which cost no memory traffic: the copy moves the real rows only. Elsewhere it is the index_copy_
+of the padded list (same result outside the scratch row, which is never read).
 
 It is a custom operator (torch.library) that mutates `dst`, so torch.compile keeps it as one call in the graph
 and CUDA graphs capture its launch.
