@@ -21,7 +21,7 @@ fi
 if [ "${GPU_SUITE_DRY:-0}" = 1 ]; then
     DEV="--device cpu --backbone resnet18 --crop 65 --steps 1 --warmup 1"; MDEV="--device cpu --steps 2 --warmup 1"
 else
-    DEV="--device cuda"; MDEV="--device cuda --steps 20 --warmup 5"
+    DEV="--device cuda --steps 20"; MDEV="--device cuda --steps 20 --warmup 5"
 fi
 run() {  # name, timeout, command...
     local name=$1 limit=$2; shift 2
@@ -37,14 +37,18 @@ run() {  # name, timeout, command...
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 # the parts in order of what they decide (a lease can end early; GPU_SUITE_ONLY="name ..." runs only those named)
+# the Triton row copy of the queue push against the CPU push, first: the timings below assume it is right
+run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k static_queue_push
 run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
 # train.compile_method: the method as one compiled graph replayed as CUDA graphs (launch-bound in eager on a GPU)
-run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method
+run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method --profile-method
+run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc --profile
+run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile --profile
 # the method replayed as CUDA graphs (train.compile_method_mode=reduce-overhead): no syncs, fresh inputs each replay
 run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" -k graphs
-run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc
-run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile
-run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs"
+run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push"
+# train.cudnn_benchmark=false: what cuDNN's autotuning is worth to the model's part of the step
+run breakdown_bf16_cl_no_cudnn_benchmark 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --no-cudnn-benchmark
 run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
 run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8

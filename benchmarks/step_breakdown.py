@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import os
 import resource
@@ -63,7 +64,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from u2pl_scale.config import COMPILE_METHOD_MODES, load_config, queue_capacities  # noqa: E402
 from u2pl_scale.data.transforms import normalize  # noqa: E402
 from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
-from u2pl_scale.engine.precision import DTYPES, autocast  # noqa: E402
+from u2pl_scale.engine.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
     StepConfig,
     run_method_losses,
@@ -90,8 +91,12 @@ def measured_matmul_peak(device: torch.device, precision: str) -> float:
     dtype = DTYPES[precision]
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # fp32 convolutions run as TF32
+    matmul = torch.backends.cuda.matmul
+    # saved as fp32_precision where torch has it: allow_tf32 restored to False reads back as "ieee", not the default
+    # "none", which is another global state than before
+    setting = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, setting)
+    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # fp32 convolutions run as TF32
     try:
         for _ in range(3):
             a @ b
@@ -102,7 +107,7 @@ def measured_matmul_peak(device: torch.device, precision: str) -> float:
         end.record()
         torch.cuda.synchronize(device)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        setattr(matmul, setting, saved)
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
 
 
@@ -148,6 +153,10 @@ def main() -> None:
                         choices=COMPILE_METHOD_MODES,
                         help="train.compile_method with this train.compile_method_mode (default reduce-overhead: CUDA "
                              "graphs on a GPU): the method losses under torch.compile (compiled in warm-up)")
+    parser.add_argument("--profile-method", action="store_true",
+                        help="print a torch.profiler table (by self CPU time) of the method work of one breakdown step")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="train.cudnn_benchmark=false (cuDNN's heuristic convolution algorithms, no autotuning)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -160,6 +169,8 @@ def main() -> None:
     crop = args.crop or (513 if on_gpu else 129)
     overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
                  f"train.precision={args.precision}"]
+    if args.no_cudnn_benchmark:
+        overrides += ["train.cudnn_benchmark=false"]
     if args.compile_method:
         overrides += ["train.compile_method=true", f"train.compile_method_mode={args.compile_method}"]
     if args.data == "demo":
@@ -169,6 +180,7 @@ def main() -> None:
     sc = StepConfig.from_config(cfg)
     num_classes = cfg.data.num_classes
     torch.manual_seed(0)
+    configure_cudnn(device, cfg.train.cudnn_benchmark)
 
     model = build_model(cfg.model, num_classes).to(device)
     if args.channels_last:
@@ -239,7 +251,7 @@ def main() -> None:
         optimizer_and_ema()
 
     # ---------------------------------------------------------------- breakdown: same work, timed parts
-    def timed_step(times: dict):
+    def timed_step(times: dict, method_ctx=contextlib.nullcontext):
         last = [0.0]
 
         def mark(name):
@@ -255,10 +267,11 @@ def main() -> None:
         # the method's losses on leaf copies of the student's outputs, so their backward stops there
         pred_leaf = pred.detach().requires_grad_()
         rep_leaf = rep.detach().requires_grad_()
-        unsup, contra, _ = run_method_losses(sc, pred_leaf, rep_leaf, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
-                                             queues, PROGRESS)
-        (sc.unsup_weight * unsup + sc.contra_weight * contra).backward()
-        mark("method work")
+        with method_ctx():
+            unsup, contra, _ = run_method_losses(sc, pred_leaf, rep_leaf, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
+                                                 queues, PROGRESS)
+            (sc.unsup_weight * unsup + sc.contra_weight * contra).backward()
+            mark("method work")
 
         torch.autograd.backward([sup, pred, rep], [None, pred_leaf.grad, rep_leaf.grad])
         mark("student fwd+bwd (backward)")
@@ -267,13 +280,32 @@ def main() -> None:
         optimizer_and_ema()
         mark("optimizer+EMA")
 
+    probes = []
+
+    def probe(phase: str):
+        """With the method compiled: whether one real step (profiled) ran the compiled method and replayed CUDA
+        graphs, after each phase of this benchmark (on the H100 a compiled run's method showed eager ops)."""
+        if not args.compile_method:
+            return
+        from torch.profiler import profile
+
+        with profile() as prof:
+            real_step()
+            sync(device)
+        names = collections.Counter(event.name for event in prof.events())
+        compiled = sum(n for name, n in names.items() if name.startswith("Torch-Compiled Region"))
+        graphs = names.get("cudaGraphLaunch", 0)
+        eager = sum(n for name, n in names.items() if name in ("_AnchorLoss", "_AnchorLossBackward"))
+        probes.append(f"| after {phase} | {compiled} | {graphs} | {eager} |")
+
     # sync counting (GPU): warnings from set_sync_debug_mode during the real steps
     for _ in range(args.warmup):
         real_step()
+    probe("warm-up")
     sync(device)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    totals, cpu_totals = [], []
+    totals, cpu_totals, enqueues = [], [], []
     syncs = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -282,6 +314,7 @@ def main() -> None:
         for _ in range(args.steps):
             start, cpu_start = time.perf_counter(), time.process_time()
             real_step()
+            enqueues.append(time.perf_counter() - start)  # the host's part: on a GPU, until all is queued
             if on_gpu:
                 torch.cuda.set_sync_debug_mode(0)
             sync(device)  # the timing sync, outside the counted region
@@ -296,6 +329,7 @@ def main() -> None:
             syncs = len(sync_warnings) / args.steps
             for where, count in collections.Counter(f"{w.filename}:{w.lineno}" for w in sync_warnings).items():
                 print(f"host-device sync at {where}: {count} times in {args.steps} steps")
+    probe("timed real steps")
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
@@ -305,7 +339,9 @@ def main() -> None:
         real_step()
     sync(device)
     step_flops = counter.get_total_flops()
+    probe("FLOP count")
     matmul_peak = measured_matmul_peak(device, args.precision) if on_gpu else None
+    probe("matmul peak")
 
     # the marginal cost: steps with and without the method interleaved (alternating which comes first), so that a
     # drift of the machine's speed during the run (seen on lent GPUs: 40 % between calls) falls on both alike
@@ -323,17 +359,26 @@ def main() -> None:
     with_median, without_median = statistics.median(with_method), statistics.median(without_method)
     pair_margins = sorted(1 - b / a for a, b in zip(with_method, without_method))
 
+    probe("interleaved steps")
     times: dict = {}
     for _ in range(args.warmup):
         timed_step({})
     for _ in range(args.steps):
         timed_step(times)
 
+    probe("breakdown steps")
+    if args.profile_method:
+        from torch.profiler import profile
+
+        prof = profile()
+        timed_step({}, method_ctx=lambda: prof)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     median = {name: statistics.median(times[name]) for name in PARTS}
     parts_sum = sum(median.values())
     total = statistics.median(totals)
     images = 2 * args.batch
-    where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
+    where = (f"{torch.cuda.get_device_name(device)}, cudnn.benchmark {torch.backends.cudnn.benchmark}" if on_gpu
+             else f"cpu, {torch.get_num_threads()} threads")
     print(f"U2PL step breakdown: {backbone}, crop {crop}, {args.batch} + {args.batch} images, {num_classes} classes, "
           f"{args.precision}, {'channels-last' if args.channels_last else 'contiguous'}, data {args.data}, {where}, "
           f"method {f'compiled ({args.compile_method})' if args.compile_method else 'eager'}; "
@@ -358,6 +403,8 @@ def main() -> None:
           f"({100 * pair_margins[0]:.1f} .. {100 * pair_margins[-1]:.1f}) |")
     print(f"| images/s (real step) | {images / total:.2f} |")
     print(f"| process CPU s per real step | {statistics.median(cpu_totals):.3f} |")
+    if on_gpu:  # near the step's wall time: the host's launches, not the GPU, set the pace (launch-bound)
+        print(f"| host s to queue a real step (before its final sync) | {statistics.median(enqueues):.3f} |")
     print(f"| peak memory | {peak:.2f} GiB ({'max_memory_allocated' if on_gpu else 'ru_maxrss, whole process'}) |")
     achieved = step_flops / total
     print(f"| model GFLOP per real step (torch.utils.flop_counter) | {step_flops / 1e9:.1f} |")
@@ -368,6 +415,12 @@ def main() -> None:
         print(f"| measured {kind} matmul peak (8192^3) | {matmul_peak / 1e12:.0f} TFLOP/s |")
         print(f"| MFU vs measured {args.precision} matmul peak | {100 * achieved / matmul_peak:.1f} % |")
         print(f"| MFU vs H100 SXM dense bf16 datasheet (989 TFLOP/s) | {100 * achieved / 989e12:.1f} % |")
+    if probes:
+        print()
+        print("| compiled method, one profiled real step | compiled-region calls | CUDA graph launches | eager "
+              "_AnchorLoss nodes |")
+        print("| --- | --- | --- | --- |")
+        print("\n".join(probes))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """GPU-only paths: the sync-free queue compaction, no host sync inside the U2PL step (eager, and with the method
 compiled), a CUDA training run with bf16, channels-last and torch.compile. Skipped without a CUDA device (this
 project's CI has none)."""
+import contextlib
 import json
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
     for step, progress in enumerate((0.1, 0.5, 0.9)):
         inputs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in make_inputs(step, 0)]
         cpu_queues = inputs[-1]
-        results = {}
+        results, launches = {}, {}
         for name, sc in (("graphs", sc_graphs), ("plain", sc_plain)):
             if queues[name] is None:
                 queues[name] = ClassQueues(cpu_queues.num_classes, cpu_queues.dim, cpu_queues.capacity_list,
@@ -79,11 +80,23 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
                 queues[name].load_state_dict({k: v.cuda() for k, v in cpu_queues.state_dict().items()})
             pred = inputs[0].detach().clone().requires_grad_()
             rep = inputs[1].detach().clone().requires_grad_()
-            unsup, contra, reliable = run_method_losses(sc, pred, rep, *inputs[2:7], queues[name], progress)
-            (unsup + contra).backward()
+            # the last step profiled (a replay; recording is left unprofiled)
+            prof = torch.profiler.profile() if step == 2 else None
+            with prof or contextlib.nullcontext():
+                unsup, contra, reliable = run_method_losses(sc, pred, rep, *inputs[2:7], queues[name], progress)
+                (unsup + contra).backward()
+                torch.cuda.synchronize()
+            if prof is not None:
+                names = [event.name for event in prof.events()]
+                # the compiled code ran, not the eager method (whose contrastive loss is an autograd.Function)
+                assert any(n.startswith("Torch-Compiled Region") for n in names), f"{name} ran eager"
+                assert "_AnchorLoss" not in names, f"{name} ran the eager contrastive loss"
+                launches[name] = names.count("cudaGraphLaunch")
             results[name] = dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(),
                                  grad_pred=pred.grad, write_ptr=queues[name].write_ptr.clone(),
                                  fill=queues[name].fill.clone())
+        if launches:  # the third call replays the recorded forward and backward graphs; without them, none
+            assert launches["plain"] == 0 and launches["graphs"] >= 2, launches
         graphs, plain = results["graphs"], results["plain"]
         for key in ("unsup", "reliable", "grad_pred"):
             torch.testing.assert_close(graphs[key], plain[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")

@@ -25,3 +25,18 @@ def test_groups_carry_the_head_multiplier_and_weight_decay(name, cls):
         optimizer.step()
         scheduler.step()
     assert backbone["lr"] == pytest.approx(0.02 * 0.5 ** 0.9)
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+def test_cudnn_benchmark_follows_the_config_on_cuda_and_is_left_alone_on_cpu(autotune):
+    from u2pl_scale.engine.precision import configure_cudnn
+    cfg = load_config(None, [f"train.cudnn_benchmark={str(autotune).lower()}"])
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not autotune
+        configure_cudnn(torch.device("cpu"), cfg.train.cudnn_benchmark)
+        assert torch.backends.cudnn.benchmark is (not autotune)
+        configure_cudnn(torch.device("cuda"), cfg.train.cudnn_benchmark)  # sets the flag; needs no GPU
+        assert torch.backends.cudnn.benchmark is autotune
+    finally:
+        torch.backends.cudnn.benchmark = before

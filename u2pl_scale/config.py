@@ -144,6 +144,9 @@ class TrainConfig:
     compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
     # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds)
     compile_method_mode: str = "reduce-overhead"
+    # torch.backends.cudnn.benchmark on a GPU: time each convolution's algorithms once per input shape and keep the
+    # fastest (training crops have one shape; on by default, as in the published code)
+    cudnn_benchmark: bool = True
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 20
     checkpoint_interval: int = 0  # steps; 0 = at the end of every epoch only

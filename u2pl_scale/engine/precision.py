@@ -17,3 +17,9 @@ def autocast(precision: str, device: torch.device):
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """A scaler that is active only for fp16 (bf16 keeps fp32's range)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def configure_cudnn(device: torch.device, benchmark: bool) -> None:
+    """train.cudnn_benchmark: cuDNN autotuning of each convolution shape on a GPU (no effect on a CPU)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = benchmark

@@ -28,7 +28,7 @@ from .evaluate import evaluate
 from .hooks import TrainHooks
 from .optim import build_optimizer, build_scheduler
 from .outputs import RunOutputs, save_prediction_grid
-from .precision import DTYPES, autocast
+from .precision import DTYPES, autocast, configure_cudnn
 from .step import StepConfig, supervised_step, u2pl_step
 
 
@@ -109,6 +109,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
               f"device: {device})", flush=True)
 
     # model, teacher, optimiser, engine
+    configure_cudnn(device, cfg.train.cudnn_benchmark)
     model = build_model(cfg.model, cfg.data.num_classes)
     model = convert_sync_bn(model, cfg.model.sync_bn, device).to(device)
     # DeepSpeed flattens/broadcasts parameters as contiguous byte views, so its weights stay contiguous; inputs are
