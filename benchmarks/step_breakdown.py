@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import copy
 import os
 import resource
@@ -217,10 +218,10 @@ def main() -> None:
         steps_since_copy += 1
 
     # ---------------------------------------------------------------- total: the real step, no inner syncs
-    def real_step():
+    def real_step(step_config=sc):
         batch_l, batch_u = next(batches)
         x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
-        terms = u2pl_step(sc, model, teacher, queues, x_l, y_l, x_u, valid_u, PROGRESS, autocast_ctx)
+        terms = u2pl_step(step_config, model, teacher, queues, x_l, y_l, x_u, valid_u, PROGRESS, autocast_ctx)
         terms["loss"].backward()
         optimizer_and_ema()
 
@@ -284,7 +285,8 @@ def main() -> None:
 
     def probe(phase: str):
         """With the method compiled: whether one real step (profiled) ran the compiled method and replayed CUDA
-        graphs, after each phase of this benchmark (on the H100 a compiled run's method showed eager ops)."""
+        graphs, after each phase of this benchmark (on the H100's torch 2.11 the method ran eager after the FLOP
+        count, which then ran it under FlopCounterMode: see there)."""
         if not args.compile_method:
             return
         from torch.profiler import profile
@@ -333,15 +335,6 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
-    # model FLOPs of one real step (teacher forwards + student forward/backward + method), counted by torch
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        real_step()
-    sync(device)
-    step_flops = counter.get_total_flops()
-    probe("FLOP count")
-    matmul_peak = measured_matmul_peak(device, args.precision) if on_gpu else None
-    probe("matmul peak")
 
     # the marginal cost: steps with and without the method interleaved (alternating which comes first), so that a
     # drift of the machine's speed during the run (seen on lent GPUs: 40 % between calls) falls on both alike
@@ -367,6 +360,19 @@ def main() -> None:
         timed_step(times)
 
     probe("breakdown steps")
+
+    # model FLOPs of one real step (teacher forwards + student forward/backward + method), counted by torch, last,
+    # and with the method eager: dynamo skips a compiled function called under a dispatch mode such as
+    # FlopCounterMode, and torch before 2.13 (pytorch#186085) then runs it eager for good (on the H100's torch 2.11
+    # every later step of this benchmark ran the "compiled" method eager)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        real_step(dataclasses.replace(sc, compile_method=False))
+    sync(device)
+    step_flops = counter.get_total_flops()
+    probe("FLOP count (method eager)")
+    matmul_peak = measured_matmul_peak(device, args.precision) if on_gpu else None
+    probe("matmul peak")
     if args.profile_method:
         from torch.profiler import profile
 
