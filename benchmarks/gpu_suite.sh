@@ -50,11 +50,12 @@ run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # train.cudnn_benchmark=false: what cuDNN's autotuning is worth to the model's part of the step
 run breakdown_bf16_cl_no_cudnn_benchmark 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --no-cudnn-benchmark
 run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
+run test_gpu_run_method_compiled 180 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k method-compiled
 run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8
 run overhead_cityscapes 60 python3 benchmarks/method_overhead.py $MDEV --shape cityscapes
 # torch.compile of the student and teacher (several graphs: train/eval mode, batch sizes): minutes; on a timeout
 # pytest-timeout prints where it was
-run test_gpu_run_compiled 300 python3 -m pytest -q -p no:cacheprovider --durations=0 --timeout=280 tests/test_gpu.py -m slow -k compiled
+run test_gpu_run_compiled 300 python3 -m pytest -q -p no:cacheprovider --durations=0 --timeout=280 tests/test_gpu.py -m slow -k all-compiled
 rm -f "$OUT/last.log"
 echo "=== summary"; cat "$OUT/summary.txt"

@@ -106,13 +106,16 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_cuda_training_run_bf16_channels_last(demo_shards, tmp_path, compiled):
+@pytest.mark.parametrize("model_compiled, method_compiled", [(False, False), (False, True), (True, True)],
+                         ids=["eager", "method-compiled", "all-compiled"])
+def test_cuda_training_run_bf16_channels_last(demo_shards, tmp_path, model_compiled, method_compiled):
+    """A short CUDA training run: eager; with the method compiled (CUDA graphs, the default mode; about a minute
+    of compiling); with the student and teacher compiled too (several minutes of compiling)."""
     from u2pl_scale.engine.trainer import train
-    flag = str(compiled).lower()
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        "train.device=cuda", "train.precision=bf16", "train.channels_last=true", f"train.compile={flag}",
-        f"train.compile_method={flag}", "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2",
+        "train.device=cuda", "train.precision=bf16", "train.channels_last=true",
+        f"train.compile={str(model_compiled).lower()}", f"train.compile_method={str(method_compiled).lower()}",
+        "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2",
         f"train.run_dir={tmp_path}"])
     summary = train(cfg)
     assert summary["steps"] == 8 and summary["evaluated_model"] == "teacher"

@@ -65,6 +65,15 @@ def test_resume_from_a_mid_run_checkpoint_ends_at_the_same_step(demo_shards, tmp
     assert again["steps"] == 12
 
 
+def test_run_with_the_method_compiled(demo_shards, tmp_path):
+    """train.compile_method through the trainer (on CPU: the device path compiled, no CUDA graphs): the U2PL
+    steps run and log the method's terms."""
+    summary, run_dir = run(tmp_path, "train.compile_method=true", "train.epochs=2")
+    assert summary["steps"] == 8
+    semi = [m for m in read_metrics(run_dir) if m["kind"] == "train" and m["phase"] == "u2pl"]
+    assert len(semi) == 4 and all(m["unsup"] > 0 and m["contra"] > 0 and 0 < m["reliable"] <= 1 for m in semi)
+
+
 def test_supervised_only_method(demo_shards, tmp_path):
     summary, run_dir = run(tmp_path, "method.name=supervised", "train.epochs=2")
     assert summary["steps"] == 8 and summary["evaluated_model"] == "student"
