@@ -42,8 +42,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import copy
+import dataclasses
 import os
 import resource
 import statistics
