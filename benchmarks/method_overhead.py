@@ -9,6 +9,7 @@ Inputs are fixed random tensors at the published shapes, features channels-last 
 pre-filled to capacity. Usage:
     python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
                                          [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile [MODE]]
+    python benchmarks/method_overhead.py --count-ops [--shape voc]   # the device path's ops per step
 
 CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
 count) a descheduled OpenMP worker makes each barrier cost up to a scheduler time slice, so 2 threads can be
@@ -107,6 +108,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ops that launch no kernel: allocations, and the bookkeeping around them
+_NO_KERNEL = {"empty", "empty_strided", "detach", "lift_fresh", "scalar_tensor", "_local_scalar_dense"}
+
+
+def count_ops(shape: str) -> None:
+    """The kernel-launching aten ops of one eager step on the device path (forward and backward), by function.
+
+    Runs on the "meta" device (no data), where the method takes its device path as on a GPU. Views and allocations
+    are not counted; an op that launches several kernels (a sort, a scan) counts once."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func._schema.name.split("::")[-1] not in _NO_KERNEL:
+                frames = [f for f in traceback.extract_stack() if "u2pl_scale" in f.filename]
+                where = (f"{frames[-1].filename.split('u2pl_scale/')[-1]} {frames[-1].name}" if frames
+                         else "autograd backward of built-in ops")
+                self.where[where] += 1
+            return func(*args, **(kwargs or {}))
+
+    inputs = make_inputs(shape, torch.device("meta"), torch.float32)
+    with Count() as counter:
+        method_step(inputs, 0.1, None)
+    print("| shape | device path ops per step (forward + backward, meta device) |")
+    print("| --- | --- |")
+    print(f"| {shape} | {sum(counter.where.values())} |")
+    print()
+    print("| ops | where |")
+    print("| --- | --- |")
+    for where, count in counter.where.most_common(15):
+        print(f"| {count} | {where} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="voc")
@@ -116,6 +157,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--queue-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the device path's kernel-launching ops of one step (on the meta device, so on "
+                             "any machine): on a GPU whose host launches slower than the GPU runs, each costs "
+                             "launch time in eager mode")
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None,
                         choices=COMPILE_METHOD_MODES,
                         help="the forward under torch.compile with this mode (default: reduce-overhead, CUDA graphs "
@@ -123,6 +168,9 @@ def main() -> None:
                              "during warm-up; its sampling draws from torch's global RNG)")
     args = parser.parse_args()
 
+    if args.count_ops:
+        count_ops(args.shape)
+        return
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

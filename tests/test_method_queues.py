@@ -53,6 +53,30 @@ def test_random_pushes_match_deque_reference_with_wraparound(compaction):
     assert int(queues.dropped_pairs) == 0
 
 
+def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them():
+    """6 rows into every class of capacities [5, 3, 8, 1]: kept pairs 5 + 3 + 6 + 1 = 15 in class-major order.
+    With max_pairs=10 the first 10 are written (class 0's 5, class 1's 3, class 2's first 2) and 5 are counted as
+    dropped; pointers and fill advance as if all were written. max_pairs=15 writes all, as the exact push does."""
+    features = unique_features(6, 2, 0)
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    small = ClassQueues(4, 2, [5, 3, 8, 1])
+    small.compaction = "static"
+    small.push(features, mask, max_pairs=10)
+    assert int(small.dropped_pairs) == 5
+    assert small.buffer[0:5, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]  # the newest 5 of 6, from slot 0
+    assert small.buffer[5:8, 0].tolist() == [3.0, 4.0, 5.0]
+    assert small.buffer[8:10, 0].tolist() == [0.0, 1.0]
+    assert small.buffer[10:17, 0].tolist() == [0.0] * 7  # class 2's other slots and class 3's were not written
+    assert small.write_ptr.tolist() == [0, 0, 6, 0] and small.fill.tolist() == [5, 3, 6, 1]
+    exact, enough = ClassQueues(4, 2, [5, 3, 8, 1]), ClassQueues(4, 2, [5, 3, 8, 1])
+    enough.compaction = "static"
+    exact.push(features, mask)
+    enough.push(features, mask, max_pairs=15)
+    assert int(enough.dropped_pairs) == 0
+    for key, value in exact.state_dict().items():
+        assert torch.equal(value, enough.state_dict()[key]), key
+
+
 def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer():
     queues = ClassQueues(2, 2, [3, 4])
     features = unique_features(7, 2, 0)

@@ -88,32 +88,36 @@ class ClassQueues:
                 self._push_exact(features, mask_cn)
             return
         rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
-        pushed = rank_in_class[:, -1].long()  # pairs per class this push
+        pushed = rank_in_class[:, -1]  # pairs per class this push (int32; int64 once combined with the long state)
         overflow = (pushed - self.capacities).clamp(min=0)  # oldest pairs that cannot survive
-        keep = mask_cn & (rank_in_class > overflow[:, None].to(torch.int32))
+        keep = mask_cn & (rank_in_class > overflow[:, None])
 
         flat_keep = keep.reshape(-1)
+        # each class keeps at most its capacity, so at most total_capacity pairs are kept: that size never drops one
         static_size = min(num_rows * self.num_classes, self.total_capacity)
-        if max_pairs is not None:
-            static_size = min(static_size, int(max_pairs))
+        can_drop = max_pairs is not None and int(max_pairs) < static_size
+        if can_drop:
+            static_size = int(max_pairs)
         pair = torch.nonzero_static(flat_keep, size=static_size, fill_value=-1)[:, 0]
         padding = pair < 0
         total_pairs = flat_keep.sum()
-        self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
-        pair = pair.clamp(min=0)
+        if can_drop:
+            self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
+            total_pairs = total_pairs.clamp(max=static_size)
+        pair = pair.clamp(min=0)  # padding reads pair 0: class 0, row 0 (a real row; its write goes to scratch)
 
         cls = torch.div(pair, num_rows, rounding_mode="floor")
-        row = pair - cls * num_rows
-        position = rank_in_class.reshape(-1)[pair].long() - 1 - overflow[cls]  # 0 .. kept_c - 1
-        slot = self.offsets[cls] + torch.remainder(self.write_ptr[cls] + position, self.capacities[cls])
-        slot = torch.where(padding, torch.full_like(slot, self.scratch_row), slot)
-        row = torch.where(padding, torch.zeros_like(row), row)
+        row = torch.remainder(pair, num_rows)
+        # slot = offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c, the per-class terms in one gather
+        per_class = torch.stack([self.write_ptr - overflow - 1, self.capacities, self.offsets], dim=1)[cls]
+        rank = rank_in_class.reshape(-1)[pair]
+        slot = per_class[:, 2] + torch.remainder(rank + per_class[:, 0], per_class[:, 1])
+        slot.masked_fill_(padding, self.scratch_row)
         # the real pairs come first in `pair`: copy those rows only where the device can skip the padding
-        copy_rows_(self.buffer, slot, features, row, total_pairs.clamp(max=static_size))
+        copy_rows_(self.buffer, slot, features, row, total_pairs)
 
-        kept = pushed - overflow
-        self.write_ptr.copy_(torch.remainder(self.write_ptr + kept, self.capacities))
-        self.fill.copy_(torch.minimum(self.fill + pushed, self.capacities))
+        self.write_ptr.add_(pushed - overflow).remainder_(self.capacities)
+        self.fill.add_(pushed).clamp_(max=self.capacities)
 
     def _push_exact(self, features: torch.Tensor, mask_cn: torch.Tensor) -> None:
         """Host-side push (CPU, where reading counts costs nothing): per class, the kept source rows are copied
