@@ -68,6 +68,7 @@ from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E4
 from u2pl_scale.engine.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
     StepConfig,
+    method_runs_in_profile,
     run_method_losses,
     pseudo_labels,
     supervised_loss,
@@ -294,11 +295,8 @@ def main() -> None:
         with profile() as prof:
             real_step()
             sync(device)
-        names = collections.Counter(event.name for event in prof.events())
-        compiled = sum(n for name, n in names.items() if name.startswith("Torch-Compiled Region"))
-        graphs = names.get("cudaGraphLaunch", 0)
-        eager = sum(n for name, n in names.items() if name in ("_AnchorLoss", "_AnchorLossBackward"))
-        probes.append(f"| after {phase} | {compiled} | {graphs} | {eager} |")
+        runs = method_runs_in_profile(prof)
+        probes.append(f"| after {phase} | {runs['compiled']} | {runs['graph_launches']} | {runs['eager']} |")
 
     # sync counting (GPU): warnings from set_sync_debug_mode during the real steps
     for _ in range(args.warmup):
@@ -334,7 +332,6 @@ def main() -> None:
     probe("timed real steps")
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-
 
     # the marginal cost: steps with and without the method interleaved (alternating which comes first), so that a
     # drift of the machine's speed during the run (seen on lent GPUs: 40 % between calls) falls on both alike

@@ -5,6 +5,7 @@ branch on tensor values), so the GPU never waits inside the step. Logging reads 
 """
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 
@@ -169,6 +170,16 @@ def begin_graph_step(queues, mode: str) -> None:
         if getattr(tensor, "_dynamo_static_input_type", None) is None:
             torch._dynamo.mark_static_address(tensor)
     torch.compiler.cudagraph_mark_step_begin()
+
+
+def method_runs_in_profile(prof) -> dict:
+    """How the method ran inside a finished torch.profiler run: `compiled` (calls of compiled regions),
+    `graph_launches` (CUDA graph replays) and `eager` (nodes of the eager contrastive loss, an autograd.Function
+    that compiled code inlines). A diagnostic: dynamo can fall back to eager silently (benchmarks/RESULTS.md)."""
+    names = collections.Counter(event.name for event in prof.events())
+    return {"compiled": sum(n for name, n in names.items() if name.startswith("Torch-Compiled Region")),
+            "graph_launches": names["cudaGraphLaunch"],
+            "eager": names["_AnchorLoss"] + names["_AnchorLossBackward"]}
 
 
 def progress_tensor(progress: float, device) -> torch.Tensor:
