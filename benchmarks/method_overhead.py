@@ -10,6 +10,7 @@ pre-filled to capacity. Usage:
     python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
                                          [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile [MODE]]
     python benchmarks/method_overhead.py --count-ops [--shape voc]   # the device path's ops per step
+    python benchmarks/method_overhead.py --host-cost   # the device path's host time per step (tiny shapes, CPU)
 
 CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
 count) a descheduled OpenMP worker makes each barrier cost up to a scheduler time slice, so 2 threads can be
@@ -22,6 +23,7 @@ is the number to compare across runs on a shared machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -56,12 +58,16 @@ SHAPES = {
     "voc": (2, 2, 513, 129, 21, [50000] + [30000] * 20),
     "cityscapes": (2, 2, 769, 193, 19, [30000] * 19),
 }
+# --host-cost: VOC's classes and batch with every size small, so that each op's kernel costs next to nothing and
+# what is timed is the host's work per op (dispatch, autograd, Python). Feature dim, anchors and negatives:
+HOST_COST_SHAPE = (2, 2, 33, 9, 21, [64] * 21)
+HOST_COST_CONTRASTIVE = dict(dim=8, num_anchors=4, num_negatives=2)
 
 
-def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed: int = 0):
-    num_l, num_u, crop, feat, num_classes, capacities = SHAPES[shape]
+def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed: int = 0, dim: int = 256,
+                contrastive: dict | None = None):
+    num_l, num_u, crop, feat, num_classes, capacities = SHAPES[shape] if isinstance(shape, str) else shape
     gen = torch.Generator().manual_seed(seed)
-    dim = 256
     teacher_logits_u = (3 * torch.randn(num_u, num_classes, crop, crop, generator=gen)).to(device)
     student_logits_u = torch.randn(num_u, num_classes, crop, crop, generator=gen).to(device).requires_grad_()
     pseudo_u = teacher_logits_u.argmax(1)  # stands in for the first (eval-mode) teacher forward
@@ -76,10 +82,10 @@ def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed
     queues = ClassQueues(num_classes, dim, capacities, device=device, dtype=queue_dtype)
     queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
     queues.fill.copy_(queues.capacities)
-    queues.write_ptr.copy_(torch.randint(0, 1000, (num_classes,), generator=gen))
+    queues.write_ptr.copy_(torch.randint(0, 1000, (num_classes,), generator=gen) % torch.tensor(capacities))
     return dict(teacher_logits_u=teacher_logits_u, student_logits_u=student_logits_u, pseudo_u=pseudo_u,
                 labels_l=labels_l, rep=rep, rep_teacher=rep_teacher, prob_teacher=prob_teacher, queues=queues,
-                num_labeled=num_l, feature_size=(feat, feat))
+                num_labeled=num_l, feature_size=(feat, feat), contrastive=contrastive or {})
 
 
 def method_forward(inputs: dict, progress, generator=None):
@@ -93,7 +99,7 @@ def method_forward(inputs: dict, progress, generator=None):
     labels, low, high = contrastive_inputs(inputs["labels_l"], inputs["pseudo_u"], rel.low_mask, rel.high_mask,
                                            inputs["feature_size"])
     contra = contrastive_loss(rep, inputs["rep_teacher"], inputs["prob_teacher"], labels, low, high,
-                              inputs["num_labeled"], inputs["queues"], generator=generator)
+                              inputs["num_labeled"], inputs["queues"], generator=generator, **inputs["contrastive"])
     return unsup, contra.loss, rel.reliable_ratio
 
 
@@ -112,31 +118,41 @@ def sync(device: torch.device) -> None:
 _NO_KERNEL = {"empty", "empty_strided", "detach", "lift_fresh", "scalar_tensor", "_local_scalar_dense"}
 
 
+class _OpCounter:
+    """A dispatch mode counting the kernel-launching aten ops (not views, not allocations) by calling function."""
+
+    def __new__(cls):
+        import collections
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.where = collections.Counter()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and func._schema.name.split("::")[-1] not in _NO_KERNEL:
+                    frames = [f for f in traceback.extract_stack() if "u2pl_scale" in f.filename]
+                    where = (f"{frames[-1].filename.split('u2pl_scale/')[-1]} {frames[-1].name}" if frames
+                             else "autograd backward of built-in ops")
+                    self.where[where] += 1
+                return func(*args, **(kwargs or {}))
+
+        return Count()
+
+
 def count_ops(shape: str) -> None:
     """The kernel-launching aten ops of one eager step on the device path (forward and backward), by function.
 
     Runs on the "meta" device (no data), where the method takes its device path as on a GPU. Views and allocations
-    are not counted; an op that launches several kernels (a sort, a scan) counts once."""
-    import collections
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.where = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func._schema.name.split("::")[-1] not in _NO_KERNEL:
-                frames = [f for f in traceback.extract_stack() if "u2pl_scale" in f.filename]
-                where = (f"{frames[-1].filename.split('u2pl_scale/')[-1]} {frames[-1].name}" if frames
-                         else "autograd backward of built-in ops")
-                self.where[where] += 1
-            return func(*args, **(kwargs or {}))
-
+    are not counted; an op that launches several kernels (a sort, a scan) counts once. One warm-up step first, so
+    that tensors built once and cached (index maps) are not counted."""
     inputs = make_inputs(shape, torch.device("meta"), torch.float32)
-    with Count() as counter:
+    method_step(inputs, 0.1, None)
+    inputs["student_logits_u"].grad = inputs["rep"].grad = None
+    with _OpCounter() as counter:
         method_step(inputs, 0.1, None)
     print("| shape | device path ops per step (forward + backward, meta device) |")
     print("| --- | --- |")
@@ -146,6 +162,41 @@ def count_ops(shape: str) -> None:
     print("| --- | --- |")
     for where, count in counter.where.most_common(15):
         print(f"| {count} | {where} |")
+
+
+def host_cost(steps: int, warmup: int) -> None:
+    """Host time per eager step of the device path (the one a GPU runs), on CPU with one thread at tiny shapes
+    (HOST_COST_SHAPE), where kernels cost next to nothing: the time is the host's work to issue the step's ops
+    (Python, autograd, dispatch), which on a GPU whose host launches slower than the GPU runs is the eager method's
+    cost in the step. A GPU host adds its kernel-launch calls (a few us per op) on top. The CPU host path at the
+    same shapes is printed beside it."""
+    from u2pl_scale.method.paths import device_path_on_cpu
+
+    torch.set_num_threads(1)
+    rows = []
+    for path in ("device", "host"):
+        inputs = make_inputs(HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=HOST_COST_CONTRASTIVE["dim"],
+                             contrastive={k: v for k, v in HOST_COST_CONTRASTIVE.items() if k != "dim"})
+        generator = torch.Generator().manual_seed(1)
+        context = device_path_on_cpu if path == "device" else contextlib.nullcontext
+        times = []
+        with context():
+            for step in range(warmup + steps + 1):
+                inputs["student_logits_u"].grad = inputs["rep"].grad = None
+                if step == warmup + steps:  # one more, counted
+                    with _OpCounter() as counter:
+                        method_step(inputs, 0.1, generator)
+                    break
+                start = time.perf_counter()
+                method_step(inputs, 0.1, generator)
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+        rows.append((path, sum(counter.where.values()), sorted(times)))
+    print("| path | ops per step | host ms per step (median) | min ms | p90 ms |")
+    print("| --- | --- | --- | --- | --- |")
+    for path, ops, times in rows:
+        p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+        print(f"| {path} | {ops} | {1e3 * statistics.median(times):.2f} | {1e3 * times[0]:.2f} | {1e3 * p90:.2f} |")
 
 
 def main() -> None:
@@ -166,10 +217,16 @@ def main() -> None:
                         help="the forward under torch.compile with this mode (default: reduce-overhead, CUDA graphs "
                              "on a GPU), as train.compile_method runs it (the device path on every device; compiled "
                              "during warm-up; its sampling draws from torch's global RNG)")
+    parser.add_argument("--host-cost", action="store_true",
+                        help="host time per eager step of the device path at tiny shapes on CPU (one thread): the "
+                             "per-op host work an eager GPU step pays, measured without a GPU")
     args = parser.parse_args()
 
     if args.count_ops:
         count_ops(args.shape)
+        return
+    if args.host_cost:
+        host_cost(max(args.steps, 200), args.warmup)
         return
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -7,6 +7,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(params=["host", "device"])
+def method_path(request):
+    """Runs a method test on both code paths (u2pl_scale/method/paths.py): the CPU host path, and the device path
+    (the one a GPU runs) taken eagerly on CPU."""
+    from u2pl_scale.method.paths import device_path_on_cpu
+
+    if request.param == "host":
+        yield "host"
+    else:
+        with device_path_on_cpu():
+            yield "device"
+
+
 @pytest.fixture(scope="session")
 def demo_shards() -> Path:
     """shards/demo with all four sets (full_labeled too, for semi_gain --full), rebuilt when missing, unfinished

@@ -1,4 +1,4 @@
-"""train.compile_method: the method losses under torch.compile, on CPU.
+"""train.compile_method: the method losses under torch.compile, on CPU; and the eager device path on CPU.
 
 Compiled code takes the method's device path (u2pl_scale/method/paths.py), the one a GPU runs, while eager CPU code
 takes the host path. So comparing the two here also checks, on CPU, that both paths compute the same losses,
@@ -19,6 +19,7 @@ from torch._inductor import config as inductor_config
 from test_method_queues import free_port
 from u2pl_scale.config import load_config
 from u2pl_scale.engine.step import StepConfig, run_method_losses
+from u2pl_scale.method.paths import device_path_on_cpu
 from u2pl_scale.method.queues import ClassQueues
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,16 @@ def assert_same(eager: dict, compiled: dict):
     assert eager["contra"] > 0 and eager["grad_rep"].abs().sum() > 0  # the contrastive term did something
     for key in ("write_ptr", "fill"):
         assert torch.equal(compiled[key], eager[key]), key
+
+
+def test_eager_device_path_matches_the_host_path():
+    """The path a GPU runs in eager mode (static queue push, sort-based percentiles, rank keys, one-hot prototype
+    sums, no pooled buffers), run eagerly on CPU, against the CPU host path: same losses, gradients and queues."""
+    for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
+        host = run(False, seed, progress)
+        with device_path_on_cpu():
+            device = run(False, seed, progress)
+        assert_same(host, device)
 
 
 def test_compiled_method_is_one_graph_that_matches_the_eager_host_path():

@@ -35,7 +35,7 @@ def test_toy_masks_worked_by_hand():
     assert pixels(masks.negative, 0) == {1, 6} and pixels(masks.negative, 1) == {7}
 
 
-def test_toy_push_happens_before_sampling_and_loss_matches_hand_reference():
+def test_toy_push_happens_before_sampling_and_loss_matches_hand_reference(method_path):
     prob, labels, low, high = toy_case()
     gen = torch.Generator().manual_seed(0)
     rep = torch.randn(2, 4, 2, 2, generator=gen, requires_grad=True)
@@ -93,7 +93,7 @@ def slow_masks(prob, labels, low, high, num_labeled, c, low_rank, high_rank):
     return label_low, anchor, negative
 
 
-def test_random_case_matches_slow_reference_with_the_same_indices():
+def test_random_case_matches_slow_reference_with_the_same_indices(method_path):
     gen = torch.Generator().manual_seed(7)
     classes, dim, h, w, low_rank, high_rank = 6, 8, 5, 6, 2, 5
     prob = torch.softmax(2 * torch.randn(4, classes, h, w, generator=gen), dim=1)
@@ -111,7 +111,7 @@ def test_random_case_matches_slow_reference_with_the_same_indices():
     out = contrastive_loss(rep, rep_teacher, prob, labels, low, high, 2, queues, low_rank=low_rank,
                            high_rank=high_rank, num_anchors=7, num_negatives=3, temperature=0.5, generator=gen)
 
-    rows = rep.detach().permute(0, 2, 3, 1).reshape(-1, dim)
+    rows = rep.permute(0, 2, 3, 1).reshape(-1, dim)  # with grad, for the gradient check below
     teacher_rows = rep_teacher.permute(0, 2, 3, 1).reshape(-1, dim)
     masks = contrastive_masks(prob, labels, low, high, 2, low_rank=low_rank, high_rank=high_rank)
     present, terms = 0, []
@@ -139,7 +139,13 @@ def test_random_case_matches_slow_reference_with_the_same_indices():
         logits = torch.cosine_similarity(anchors[:, None, :], keys, dim=2) / 0.5
         terms.append(F.cross_entropy(logits, torch.zeros(7, dtype=torch.long)))
     assert present == out.num_present.item() and present >= 2 and len(terms) >= 2
-    assert out.loss.item() == pytest.approx((sum(terms) / present).item(), rel=1e-5)
+    reference = sum(terms) / present
+    assert out.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    # the gradient w.r.t. the student features, through the anchor gather and normalisation
+    (grad_reference,) = torch.autograd.grad(reference, rep)
+    out.loss.backward()
+    assert rep.grad.abs().sum() > 0
+    torch.testing.assert_close(rep.grad, grad_reference, rtol=1e-5, atol=1e-6)
     for c in range(classes):  # this step's negatives are the newest rows of each queue
         _, _, negative = slow_masks(prob, labels, low, high, 2, c, low_rank, high_rank)
         newest = [tuple(r) for r in F.normalize(teacher_rows[sorted(negative)], dim=1).tolist()]
@@ -149,7 +155,7 @@ def test_random_case_matches_slow_reference_with_the_same_indices():
             assert any(torch.allclose(torch.tensor(row), torch.tensor(s), atol=1e-6) for s in stored)
 
 
-def test_fewer_than_two_classes_gives_zero_with_graph():
+def test_fewer_than_two_classes_gives_zero_with_graph(method_path):
     gen = torch.Generator().manual_seed(1)
     prob = torch.softmax(torch.randn(2, 3, 3, 3, generator=gen), 1)
     labels = torch.zeros(2, 3, 3, dtype=torch.long)

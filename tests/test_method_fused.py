@@ -104,23 +104,29 @@ def test_fused_anchor_loss_matches_unfused_autograd(small_chunks, dtype):
     queues.buffer.copy_(F.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
     queues.fill.copy_(queues.capacities)
     index, _ = queues.sample_indices(num_anchors * num_negatives, generator=gen)
-    anchors = F.normalize(torch.randn(num_classes, num_anchors, dim, generator=gen), dim=2).requires_grad_()
+    anchors = torch.randn(num_classes, num_anchors, dim, generator=gen)
+    anchors[1, 2] = 0  # a zero feature: F.normalize keeps it 0, with gradient (1 / 1e-12) x the unit's
+    anchors.requires_grad_()
     prototypes = F.normalize(torch.randn(num_classes, dim, generator=gen), dim=1)
-    weights = torch.rand(num_classes, num_anchors, generator=gen)
+    weight = torch.tensor([0.25, 0.0, 0.5])  # a class weight of 0: an unused class
 
-    fused = contrastive._AnchorLoss.apply(anchors, prototypes, queues.buffer, index, 0.5)
-    (grad_fused,) = torch.autograd.grad((fused * weights).sum(), anchors)
+    fused = contrastive._AnchorLoss.apply(anchors, prototypes, queues.buffer, index, 0.5, weight)
+    (grad_fused,) = torch.autograd.grad(3 * fused, anchors)
 
+    # the plain formulation, by autograd
+    unit = F.normalize(anchors, dim=2)
     negatives = queues.buffer[index.reshape(-1)].reshape(num_classes * num_anchors, num_negatives, dim)
-    flat = anchors.reshape(-1, dim, 1)
+    flat = unit.reshape(-1, dim, 1)
     dots = torch.bmm(negatives, flat.to(dtype)).float()[:, :, 0]
-    positive = (anchors * prototypes[:, None, :]).sum(-1).reshape(-1, 1)
+    positive = (unit * prototypes[:, None, :]).sum(-1).reshape(-1, 1)
     logits = torch.cat([positive, dots], dim=1) / 0.5
-    reference = (torch.logsumexp(logits, dim=1) - logits[:, 0]).reshape(num_classes, num_anchors)
-    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), anchors)
+    per_anchor = (torch.logsumexp(logits, dim=1) - logits[:, 0]).reshape(num_classes, num_anchors)
+    reference = (per_anchor * weight[:, None]).sum()
+    (grad_reference,) = torch.autograd.grad(3 * reference, anchors)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(fused, reference, atol=tol)
     assert torch.allclose(grad_fused, grad_reference, atol=tol)
+    assert grad_fused[1].abs().sum() == 0 and grad_fused[0].abs().sum() > 0
 
 
 def test_radix_select_equals_sorting():

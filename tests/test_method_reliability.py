@@ -25,7 +25,7 @@ def test_entropy_hand_values():
 
 
 @pytest.mark.parametrize("q", [0.0, 3.0, 17.5, 50.0, 80.0, 99.9, 100.0])
-def test_percentile_matches_numpy_with_mask(q):
+def test_percentile_matches_numpy_with_mask(q, method_path):
     gen = torch.Generator().manual_seed(int(q * 10))
     values = torch.randn(3, 17, 19, generator=gen)
     mask = torch.rand(3, 17, 19, generator=gen) > 0.3
@@ -33,7 +33,7 @@ def test_percentile_matches_numpy_with_mask(q):
     assert percentile(values, mask, q).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
-def test_percentiles_many_with_ties_negatives_and_tensor_q():
+def test_percentiles_many_with_ties_negatives_and_tensor_q(method_path):
     values = torch.tensor([3.0, -1.0, 3.0, 3.0, -2.5, 0.0, 7.0, 1e-12, -1e-10, 2.0])
     mask = torch.tensor([1, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
     qs = [0.0, 10.0, 33.3, 50.0, 90.0, 100.0]
@@ -42,7 +42,7 @@ def test_percentiles_many_with_ties_negatives_and_tensor_q():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
-def test_percentile_hand_interpolation():
+def test_percentile_hand_interpolation(method_path):
     values = torch.tensor([10.0, 0.0, 20.0, 30.0, 99.0])
     mask = torch.tensor([True, True, True, True, False])
     # sorted valid 0, 10, 20, 30; q=50 -> position 1.5 -> 15; q=80 -> 2.4 -> 24
@@ -50,7 +50,7 @@ def test_percentile_hand_interpolation():
     assert percentile(values, mask, 80.0).item() == pytest.approx(24.0)
 
 
-def test_percentile_no_valid_is_inf_and_single_valid():
+def test_percentile_no_valid_is_inf_and_single_valid(method_path):
     values = torch.tensor([1.0, 2.0])
     assert percentile(values, torch.zeros(2, dtype=torch.bool), 50.0).item() == math.inf
     assert percentile(values, torch.tensor([False, True]), 37.0).item() == 2.0
@@ -62,7 +62,7 @@ def test_schedules_hand_values():
     assert torch.allclose(alpha_t(torch.tensor(0.9)), torch.tensor(2.0))
 
 
-def test_reliability_on_hand_worked_entropies():
+def test_reliability_on_hand_worked_entropies(method_path):
     # 1 image, 2 classes, 1x5 pixels; logits chosen so entropies are strictly increasing left to right
     margins = torch.tensor([8.0, 3.0, 1.5, 0.5, 0.0])
     logits = torch.stack([margins, torch.zeros(5)]).reshape(1, 2, 1, 5)

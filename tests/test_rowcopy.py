@@ -32,12 +32,19 @@ def test_triton_kernel_copies_the_first_count_rows_only(tmp_path):
         from u2pl_scale.method.rowcopy import launch_triton
         g = torch.Generator().manual_seed(0)
         results = []
-        # dim above one column block (300 > 256), a non-power-of-two dim, bf16, rows of src with a stride
-        for dim, dtype, count in ((300, torch.float32, 23), (20, torch.bfloat16, 37), (256, torch.float32, 0)):
+        # dim above one column block (300 > 256), a non-power-of-two dim, bf16, rows of src with a stride;
+        # indices as strided views (columns of an [N, 2] tensor, as the queue push passes them) in the last case
+        cases = ((300, torch.float32, 23, False), (20, torch.bfloat16, 37, False), (256, torch.float32, 0, False),
+                 (40, torch.float32, 30, True))
+        for dim, dtype, count, strided in cases:
             dst = torch.randn(50, dim, generator=g).to(dtype)
             src = torch.randn(40, dim + 3, generator=g).to(dtype)[:, :dim]
             dst_index = torch.randperm(49, generator=g)[:37]
             src_index = torch.randint(0, 40, (37,), generator=g)
+            if strided:
+                dst_index = torch.stack([src_index, dst_index], 1)[:, 1]
+                src_index = torch.stack([src_index, dst_index], 1)[:, 0]
+                assert dst_index.stride(0) == 2 and src_index.stride(0) == 2
             out = dst.clone()
             launch_triton(out, dst_index, src, src_index, torch.tensor(count))
             results.append(dict(dst=dst, src=src, dst_index=dst_index, src_index=src_index, count=count, out=out))

@@ -12,6 +12,8 @@ caching allocators there already reuse memory).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .paths import host_path
@@ -69,3 +71,12 @@ def scatter_rows(name: str, num_rows: int, index: torch.Tensor, rows: torch.Tens
         out.zero_()
     _DIRTY_ROWS[key] = (num_rows, dim, index.clone())
     return out.index_add_(0, index, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def constant_arange(size: int, device: torch.device, descending: bool = False) -> torch.Tensor:
+    """torch.arange(size) (int64) on `device`, or size - 1 .. 0 if `descending`, built once per size and device:
+    a constant of the step, which callers only read. In eager mode on an accelerator each arange is a kernel
+    launch."""
+    with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
+        return torch.arange(size - 1, -1, -1, device=device) if descending else torch.arange(size, device=device)

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .buffers import reusable_empty, scatter_rows
+from .buffers import constant_arange, reusable_empty, scatter_rows
 from .paths import host_path
 from .queues import ClassQueues
 from .reliability import _order_keys, cpu_single_thread, downsample_nearest
@@ -96,7 +96,7 @@ def _rank_keys(prob: torch.Tensor) -> torch.Tensor:
     """[N, C, hw] -> int64 keys in the order of the values, unique within a pixel (ties: lower class first)."""
     num_classes = prob.shape[1]
     shift = max(1, (num_classes - 1).bit_length())
-    tie_break = (num_classes - 1 - torch.arange(num_classes, device=prob.device))[None, :, None]
+    tie_break = constant_arange(num_classes, prob.device, descending=True)[None, :, None]  # lower class: larger key
     return _order_keys(prob).long().mul_(1 << shift).add_(tie_break)
 
 
@@ -182,12 +182,12 @@ def _pixel_classes(
 
     top_low = rank_mask(slice(None), min(low_rank, num_classes), largest=True)
     candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
-    classes = torch.arange(num_classes, device=prob.device)[None, :, None]
+    classes = constant_arange(num_classes, prob.device)[None, :, None]
     if torch.compiler.is_compiling():  # one traceable expression (out= into a transposed view is not traceable)
         window = ~top_low
         if high_rank < num_classes:
             window = window & ~rank_mask(slice(None), num_classes - high_rank, largest=False)
-        labeled = (torch.arange(batch, device=prob.device) < num_labeled)[:, None, None]
+        labeled = (constant_arange(batch, prob.device) < num_labeled)[:, None, None]
         chosen = torch.where(labeled, top_low & (labels[:, None, :] != classes), window)
         negative = (candidate & chosen).transpose(0, 1).contiguous()
         return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
@@ -205,7 +205,7 @@ def _pixel_classes(
 
 
 def _label_mask(pixel_label: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
-    classes = torch.arange(num_classes, device=pixel_label.device)[None, :, None]
+    classes = constant_arange(num_classes, pixel_label.device)[None, :, None]
     return pixel_label.reshape(batch, 1, -1) == classes
 
 
@@ -285,7 +285,7 @@ def _count_per_class(pixel_label: torch.Tensor, num_classes: int) -> torch.Tenso
     if host_path(pixel_label.device):
         counts = torch.zeros(num_classes + 1, dtype=torch.long, device=pixel_label.device)
         return counts.index_add_(0, pixel_label, torch.ones_like(pixel_label))[:num_classes]
-    classes = torch.arange(num_classes, device=pixel_label.device)
+    classes = constant_arange(num_classes, pixel_label.device)
     return (pixel_label[None, :] == classes[:, None]).sum(1)
 
 
@@ -308,17 +308,16 @@ def sample_anchor_index_from_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_anchor_index` for candidates given as one label per pixel ([P], C = none): the same random draws
     pick the same pixels (the k-th candidate of class c in pixel order), via a stable sort instead of a [C, P]
-    running count."""
-    num_pixels = anchor_label.numel()
+    running count. A class without candidates gets some valid pixel index (its class is not used)."""
     count = _count_per_class(anchor_label, num_classes)
     order = torch.sort(anchor_label, stable=True).indices  # pixels grouped by class, in pixel order
-    start = torch.cumsum(count, 0) - count
+    end = torch.cumsum(count, 0)
+    start = end - count
+    last = (end - 1).clamp(min=0)  # position in `order` of the class's last candidate (any one if it has none)
     uniform = torch.rand(num_classes, num_anchors, generator=generator, device=anchor_label.device,
                          dtype=torch.float64)
-    wanted = (uniform * count[:, None]).floor().long()
-    wanted = torch.minimum(wanted, (count - 1).clamp(min=0)[:, None])
-    index = order[(start[:, None] + wanted).clamp(max=num_pixels - 1)]
-    return torch.where(count[:, None] > 0, index, torch.full_like(index, num_pixels - 1)), count
+    wanted = (uniform * count[:, None]).long()  # truncation is floor: the product is >= 0
+    return order[torch.minimum(start[:, None] + wanted, last[:, None])], count  # u * n may round up to n
 
 
 # bytes of gathered negatives per chunk: a few MB keeps a chunk in cache on CPU; one chunk on accelerators
@@ -327,21 +326,28 @@ _DEVICE_CHUNK_BYTES = 512 << 20
 
 
 class _AnchorLoss(torch.autograd.Function):
-    """Per-anchor CE (target 0) over logits = [a . prototype_c, a . buffer[index]] / temperature.
+    """The contrastive loss from the sampled anchors: sum_c weight_c sum_a CE_a, where CE_a is the per-anchor CE
+    (target 0) over logits = [u . prototype_c, u . buffer[index]] / temperature and u = a / max(|a|, 1e-12) is the
+    L2-normalised anchor (F.normalize).
 
     The sampled negatives are gathered chunk by chunk into one reused buffer and never materialised as a whole
-    [C*A*K, D] tensor; the gradient w.r.t. each anchor, (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is
-    formed in the same pass while the chunk is in cache, so backward does not gather again.
+    [C*A*K, D] tensor; the gradient w.r.t. each unit anchor, (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is
+    formed in the same pass while the chunk is in cache, so backward does not gather again. The normalisation's
+    Jacobian, (g - u (u . g)) / |a|, and the class weights are applied in forward too (exact where |a| >= 1e-12 and
+    for zero anchors): backward is one multiply by the incoming gradient, where autograd would launch some twenty
+    small kernels for the normalisation and the weighted mean (a cost in eager mode on a GPU, which launches each).
     """
 
     @staticmethod
-    def forward(ctx, anchors, prototypes, buffer, index, temperature):
+    def forward(ctx, anchors, prototypes, buffer, index, temperature, weight):
         num_classes, num_anchors, dim = anchors.shape
         rows = num_classes * num_anchors
         index = index.reshape(rows, -1)
         num_negatives = index.shape[1]
         device = anchors.device
-        scaled = anchors.reshape(rows, dim) * (1.0 / temperature)  # logits = scaled . key
+        inverse_norm = torch.linalg.vector_norm(anchors, dim=2, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        unit = anchors * inverse_norm  # [C, A, D]
+        scaled = unit.reshape(rows, dim) * (1.0 / temperature)  # logits = scaled . key
         logits = torch.empty(rows, num_negatives + 1, dtype=torch.float32, device=device)
         logits[:, 0] = (scaled.reshape(num_classes, num_anchors, dim) * prototypes[:, None, :]).sum(-1).reshape(-1)
         # A bf16/fp16 queue halves the gather's memory traffic. On accelerators the dot products then run in that
@@ -370,19 +376,20 @@ class _AnchorLoss(torch.autograd.Function):
                 block[:, 1:] = dots
                 prob = torch.softmax(block, dim=1)[:, None, 1:]
                 torch.bmm(prob.to(compute_dtype), negatives, out=grad[begin:end])
-        lse = torch.logsumexp(logits, dim=1)
-        per_anchor = lse - logits[:, 0]
-        p_positive = torch.exp(-per_anchor)  # softmax probability of the positive
+        per_anchor = (torch.logsumexp(logits, dim=1) - logits[:, 0]).view(num_classes, num_anchors)
+        p_positive = torch.exp(-per_anchor)[:, :, None]  # softmax probability of the positive
         grad = grad.float().view(num_classes, num_anchors, dim)
-        grad += (p_positive.view(num_classes, num_anchors, 1) - 1.0) * prototypes[:, None, :]
-        grad *= 1.0 / temperature
+        grad += (p_positive - 1.0) * prototypes[:, None, :]  # (dCE / du) x T
+        # d loss / d anchor = weight_c / T * (g - u (u . g)) / |a|, with g = dCE / du x T
+        grad -= unit * (unit * grad).sum(2, keepdim=True)
+        grad *= inverse_norm.mul_(weight[:, None, None] * (1.0 / temperature))
         ctx.save_for_backward(grad)
-        return per_anchor.view(num_classes, num_anchors)
+        return (per_anchor * weight[:, None]).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output[:, :, None], None, None, None, None
+        return grad * grad_output, None, None, None, None, None
 
 
 def contrastive_loss(
@@ -420,7 +427,7 @@ def contrastive_loss(
         rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
         # prototypes: mean teacher feature per class over its low-entropy pixels
         pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
-        if teacher.device.type == "cpu":
+        if host_path(teacher.device):
             sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
             sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
         else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images
@@ -440,13 +447,12 @@ def contrastive_loss(
         negative_index, queue_nonempty = queues.sample_indices(num_anchors * num_negatives, generator=generator)
         class_used = class_present & (anchor_count > 0) & queue_nonempty
         prototypes_unit = F.normalize(prototypes, dim=1)
+        # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
+        # present (still attached to rep through the clamped anchor gather)
+        class_weight = torch.where(class_used & (num_present >= 2),
+                                   (num_present * num_anchors).clamp(min=1).reciprocal(), 0.0)
 
     with fp32_region(rep.device):
-        anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float()
-        anchors = _unit_rows(anchors).reshape(num_classes, num_anchors, dim)
-        per_anchor = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature)
-        per_class = per_anchor.mean(dim=1)
-        total = torch.where(class_used, per_class, torch.zeros_like(per_class)).sum()
-        # < 2 classes present: 0, still attached to rep through the (clamped) anchor gather
-        loss = torch.where(num_present >= 2, total / num_present.clamp(min=1), total * 0.0)
+        anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)
+        loss = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature, class_weight)
     return ContrastiveOutput(loss, anchor_index, negative_index, class_present, class_used, num_present, prototypes)

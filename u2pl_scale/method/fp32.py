@@ -10,7 +10,9 @@ _AUTOCAST_DEVICES = {"cpu", "cuda", "xpu", "hpu", "mps", "mtia", "xla"}
 
 
 def fp32_region(device: torch.device):
-    """Autocast switched off for `device`'s type (a no-op context on device types without autocast)."""
-    if device.type in _AUTOCAST_DEVICES:
+    """Autocast switched off for `device`'s type: a no-op context where it is not on (the trainer calls the method
+    outside autocast; entering and leaving an autocast context costs host time in every step) or the device type
+    has none."""
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

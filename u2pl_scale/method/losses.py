@@ -119,13 +119,11 @@ def unsup_loss_from_reliable(
 ) -> torch.Tensor:
     """`(B*H*W / kept) * CE(mean over kept)` as the published compute_unsupervised_loss (spec section 4)."""
     batch, _, height, width = student_logits_u.shape
-    kept = kept_count.clamp(min=1).float()
+    scale = kept_count.detach().clamp(min=1).float().pow_(-2).mul_(batch * height * width)  # B*H*W / kept^2
     if host_path(student_logits_u.device) and student_logits_u.dim() == 4:
         with torch.autocast("cpu", enabled=False):
-            scale = (batch * height * width / kept) / kept
             return _ScaledCESumCPU.apply(student_logits_u.float(), reliable_labels, ignore_index, scale)
-    loss = (batch * height * width / kept) * (_ce_sum(student_logits_u, reliable_labels, ignore_index) / kept)
-    return loss
+    return _ce_sum(student_logits_u, reliable_labels, ignore_index) * scale
 
 
 def unsup_loss(

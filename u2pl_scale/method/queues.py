@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..dist import all_gather_cat
 
+from .buffers import constant_arange
 from .paths import host_path
 from .rowcopy import copy_rows_
 from .reliability import cpu_single_thread
@@ -92,25 +93,23 @@ class ClassQueues:
         overflow = (pushed - self.capacities).clamp(min=0)  # oldest pairs that cannot survive
         keep = mask_cn & (rank_in_class > overflow[:, None])
 
-        flat_keep = keep.reshape(-1)
         # each class keeps at most its capacity, so at most total_capacity pairs are kept: that size never drops one
         static_size = min(num_rows * self.num_classes, self.total_capacity)
         can_drop = max_pairs is not None and int(max_pairs) < static_size
         if can_drop:
             static_size = int(max_pairs)
-        pair = torch.nonzero_static(flat_keep, size=static_size, fill_value=-1)[:, 0]
-        padding = pair < 0
-        total_pairs = flat_keep.sum()
+        # (class, row) of the kept pairs in class-major order, then padding (0, 0): a real row, written to scratch
+        pairs = torch.nonzero_static(keep, size=static_size, fill_value=0)
+        total_pairs = keep.sum()
         if can_drop:
             self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
             total_pairs = total_pairs.clamp(max=static_size)
-        pair = pair.clamp(min=0)  # padding reads pair 0: class 0, row 0 (a real row; its write goes to scratch)
+        padding = constant_arange(static_size, keep.device) >= total_pairs
 
-        cls = torch.div(pair, num_rows, rounding_mode="floor")
-        row = torch.remainder(pair, num_rows)
+        cls, row = pairs[:, 0], pairs[:, 1]
         # slot = offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c, the per-class terms in one gather
         per_class = torch.stack([self.write_ptr - overflow - 1, self.capacities, self.offsets], dim=1)[cls]
-        rank = rank_in_class.reshape(-1)[pair]
+        rank = rank_in_class[cls, row]
         slot = per_class[:, 2] + torch.remainder(rank + per_class[:, 0], per_class[:, 1])
         slot.masked_fill_(padding, self.scratch_row)
         # the real pairs come first in `pair`: copy those rows only where the device can skip the padding
@@ -177,18 +176,19 @@ class ClassQueues:
         classes: None (all), an int, or a 1-D long tensor. Returns (index [K, num] long, valid [K] bool); rows of
         empty queues point at their region's first slot and are flagged invalid.
         """
-        if classes is None:
-            classes = torch.arange(self.num_classes, device=self.device)
-        elif isinstance(classes, int):
-            classes = torch.full((1,), classes, dtype=torch.long, device=self.device)
-        elif not torch.is_tensor(classes):
-            classes = torch.tensor(classes, dtype=torch.long).to(self.device)  # a host list: one copy
-        classes = classes.to(device=self.device, dtype=torch.long).reshape(-1)
-        fill = self.fill[classes]
-        uniform = torch.rand(classes.numel(), num, generator=generator, device=self.device, dtype=torch.float64)
-        position = (uniform * fill[:, None]).floor().long()
-        position = torch.minimum(position, (fill - 1).clamp(min=0)[:, None])
-        return self.offsets[classes][:, None] + position, fill > 0
+        if classes is None:  # all classes: no index needed
+            fill, offsets = self.fill, self.offsets
+        else:
+            if isinstance(classes, int):
+                classes = torch.full((1,), classes, dtype=torch.long, device=self.device)
+            elif not torch.is_tensor(classes):
+                classes = torch.tensor(classes, dtype=torch.long).to(self.device)  # a host list: one copy
+            classes = classes.to(device=self.device, dtype=torch.long).reshape(-1)
+            fill, offsets = self.fill[classes], self.offsets[classes]
+        uniform = torch.rand(fill.numel(), num, generator=generator, device=self.device, dtype=torch.float64)
+        position = (uniform * fill[:, None]).long()  # truncation is floor: the product is >= 0
+        position = torch.minimum(position, (fill - 1).clamp(min=0)[:, None])  # u * n may round up to n
+        return offsets[:, None] + position, fill > 0
 
     def sample(
         self,

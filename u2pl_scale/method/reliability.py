@@ -141,26 +141,24 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     valid = valid_mask.reshape(-1).to(torch.bool)
     keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
     count = valid.sum()
-    last = (count - 1).clamp(min=0).to(torch.float64)
+    last_index = (count - 1).clamp(min=0)
+    last = last_index.to(torch.float64)
     if torch.is_tensor(qs):
         position = qs.to(device=flat.device, dtype=torch.float64).reshape(-1) / 100.0 * last
     else:  # python numbers: scalar arithmetic on the device tensor, no host-to-device copy
         position = torch.stack([last * (float(q) / 100.0) for q in qs])
     lower = position.floor()
     fraction = (position - lower).float()
-    lower_index = lower.long().clamp(0, flat.numel() - 1)
-    upper_index = torch.minimum(lower_index + 1, (count - 1).clamp(min=0))
+    lower_index = lower.long().clamp(0, flat.numel() - 1)  # q outside [0, 100] clamps to the ends
+    bounds = torch.cat([lower_index, torch.minimum(lower_index + 1, last_index)])
     if host_path(flat.device):
         # no device to keep in sync with: select the few order statistics instead of sorting everything
-        selected = _select_keys_cpu(keys, torch.cat([lower_index, upper_index]))
-        lower_value, upper_value = _from_order_keys(selected).chunk(2)
-    else:
-        # keys are a bijection of the fp32 bit patterns, so the sorted keys give the sorted values back exactly
-        sorted_values = _from_order_keys(torch.sort(keys).values)
-        lower_value = sorted_values[lower_index]
-        upper_value = sorted_values[upper_index]
+        selected = _select_keys_cpu(keys, bounds)
+    else:  # keys are a bijection of the fp32 bit patterns: the sorted keys give the sorted values back exactly
+        selected = torch.sort(keys).values[bounds]
+    lower_value, upper_value = _from_order_keys(selected).chunk(2)
     result = lower_value + (upper_value - lower_value) * fraction
-    return torch.where(count > 0, result, torch.full_like(result, float("inf")))
+    return torch.where(count > 0, result, float("inf"))
 
 
 def percentile(values: torch.Tensor, valid_mask: torch.Tensor, q: Number) -> torch.Tensor:
@@ -177,7 +175,7 @@ def drop_unreliable(
     """
     valid = pseudo_labels != ignore_index
     unreliable = (entropy_map >= threshold) & valid
-    reliable_labels = torch.where(unreliable, torch.full_like(pseudo_labels, ignore_index), pseudo_labels)
+    reliable_labels = torch.where(unreliable, ignore_index, pseudo_labels)
     return reliable_labels, (valid & ~unreliable).sum()
 
 
@@ -242,20 +240,25 @@ def _as_percent_list(*qs: Number) -> Union[list, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _nearest_source_index(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    # F.interpolate(mode="nearest"): src = min(floor(dst * in/out), in - 1), scale in fp32. Built on the device
-    # (no host-to-device copy in the step) once per size; callers only read it.
+def _nearest_source_index(in_size: tuple[int, int], out_size: tuple[int, int],
+                          device: torch.device) -> torch.Tensor:
+    """Flat source pixel (row * in_width + col) of every output pixel, [out_h * out_w], as F.interpolate(mode=
+    "nearest") picks it: src = min(floor(dst * in/out), in - 1) per axis, scale in fp32. Built on the device (no
+    host-to-device copy in the step) once per size; callers only read it."""
     with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
-        scale = torch.full((), in_size / out_size, dtype=torch.float32, device=device)
-        return (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long().clamp(max=in_size - 1)
+        axes = []
+        for n_in, n_out in zip(in_size, out_size):
+            scale = torch.full((), n_in / n_out, dtype=torch.float32, device=device)
+            axes.append((torch.arange(n_out, dtype=torch.float32, device=device) * scale).floor().long()
+                        .clamp(max=n_in - 1))
+        return (axes[0][:, None] * in_size[1] + axes[1][None, :]).reshape(-1)
 
 
 def downsample_nearest(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of per-pixel maps [B, H, W] (labels or masks) to `size`, as F.interpolate does.
 
     Equivalent to resizing the one-hot labels, which is what the published code does (spec section 6); picks the
-    source rows/columns directly instead of converting the full-size maps to float.
+    source pixels directly (one gather) instead of converting the full-size maps to float.
     """
-    rows = _nearest_source_index(maps.shape[1], size[0], maps.device)
-    cols = _nearest_source_index(maps.shape[2], size[1], maps.device)
-    return maps.index_select(1, rows).index_select(2, cols)
+    source = _nearest_source_index(tuple(maps.shape[1:]), tuple(size), maps.device)
+    return maps.reshape(maps.shape[0], -1).index_select(1, source).view(maps.shape[0], *size)

@@ -31,11 +31,11 @@ if triton is not None:
 
     @triton.jit
     def _copy_rows_kernel(dst_ptr, src_ptr, dst_index_ptr, src_index_ptr, count_ptr, dim, dst_stride, src_stride,
-                          BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                          dst_index_stride, src_index_stride, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         live = rows < tl.load(count_ptr)
-        dst_rows = tl.load(dst_index_ptr + rows, mask=live, other=0).to(tl.int64)
-        src_rows = tl.load(src_index_ptr + rows, mask=live, other=0).to(tl.int64)
+        dst_rows = tl.load(dst_index_ptr + rows * dst_index_stride, mask=live, other=0).to(tl.int64)
+        src_rows = tl.load(src_index_ptr + rows * src_index_stride, mask=live, other=0).to(tl.int64)
         for start in range(0, dim, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = live[:, None] & (cols[None, :] < dim)
@@ -56,7 +56,7 @@ def launch_triton(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor,
     block_d = min(triton.next_power_of_2(dim), 256)
     grid = (triton.cdiv(entries, BLOCK_ROWS),)
     _copy_rows_kernel[grid](dst, src, dst_index, src_index, count.reshape(1), dim, dst.stride(0), src.stride(0),
-                            BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=block_d)
+                            dst_index.stride(0), src_index.stride(0), BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=block_d)
 
 
 _triton_failed: list[str] = []  # the error of a Triton launch that failed once (then index_copy_ from there on)
@@ -71,7 +71,7 @@ def copy_rows_(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, sr
                count: torch.Tensor) -> None:
     """dst[dst_index[i]] = src[src_index[i]] for i < count. Entries from `count` on must point at a row of dst
     that nothing reads (the index_copy_ path writes them; the Triton path skips them). dst [R, D], src [S, D],
-    indices [N] int64, count a 0-d or 1-element int64 tensor on the same device."""
+    indices [N] int64 (strided views allowed), count a 0-d or 1-element int64 tensor on the same device."""
     if _uses_triton(dst):
         try:
             launch_triton(dst, dst_index, src, src_index, count)
