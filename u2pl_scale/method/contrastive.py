@@ -69,7 +69,14 @@ class ContrastiveOutput:
     class_present: torch.Tensor  # [C] bool
     class_used: torch.Tensor  # [C] bool: present, with anchors and a non-empty queue
     num_present: torch.Tensor  # 0-dim long
-    prototypes: torch.Tensor  # [C, D] fp32 mean teacher feature (0 for absent classes)
+    prototype_sums: torch.Tensor  # [C, D] fp32 sum of the teacher features of each class's prototype pixels
+    prototype_counts: torch.Tensor  # [C] long: how many
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """[C, D] fp32 mean teacher feature (0 for absent classes). The loss only needs their directions, which the
+        sums have: the division is left to whoever reads this."""
+        return self.prototype_sums / self.prototype_counts.clamp(min=1)[:, None].float()
 
 
 def contrastive_inputs(
@@ -349,7 +356,7 @@ class _AnchorLoss(torch.autograd.Function):
         unit = anchors * inverse_norm  # [C, A, D]
         scaled = unit.reshape(rows, dim) * (1.0 / temperature)  # logits = scaled . key
         logits = torch.empty(rows, num_negatives + 1, dtype=torch.float32, device=device)
-        logits[:, 0] = (scaled.reshape(num_classes, num_anchors, dim) * prototypes[:, None, :]).sum(-1).reshape(-1)
+        logits[:, 0] = torch.bmm(scaled.view(num_classes, num_anchors, dim), prototypes[:, :, None]).view(rows)
         # A bf16/fp16 queue halves the gather's memory traffic. On accelerators the dot products then run in that
         # dtype (fp32 accumulation); on CPU, where batched bf16 matrix-vector products are slow, each gathered
         # chunk is widened to fp32 while it is in cache.
@@ -379,9 +386,10 @@ class _AnchorLoss(torch.autograd.Function):
         per_anchor = (torch.logsumexp(logits, dim=1) - logits[:, 0]).view(num_classes, num_anchors)
         p_positive = torch.exp(-per_anchor)[:, :, None]  # softmax probability of the positive
         grad = grad.float().view(num_classes, num_anchors, dim)
-        grad += (p_positive - 1.0) * prototypes[:, None, :]  # (dCE / du) x T
-        # d loss / d anchor = weight_c / T * (g - u (u . g)) / |a|, with g = dCE / du x T
-        grad -= unit * (unit * grad).sum(2, keepdim=True)
+        grad.addcmul_(p_positive - 1.0, prototypes[:, None, :])  # g = (dCE / du) x T
+        # d loss / d anchor = weight_c / T * (g - u (u . g)) / |a|
+        along = torch.bmm(unit.view(rows, 1, dim), grad.view(rows, dim, 1)).view(num_classes, num_anchors, 1)
+        grad.addcmul_(unit, along, value=-1.0)
         grad *= inverse_norm.mul_(weight[:, None, None] * (1.0 / temperature))
         ctx.save_for_backward(grad)
         return (per_anchor * weight[:, None]).sum()
@@ -433,7 +441,6 @@ def contrastive_loss(
         else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images
             one_hot = _label_mask(pixel.prototype_label, batch, num_classes).float()
             sums = torch.bmm(one_hot, teacher.flatten(2).transpose(1, 2)).sum(0)
-        prototypes = sums / pixels_per_class.clamp(min=1)[:, None].float()
         class_present = pixels_per_class > 0
         num_present = class_present.sum()
 
@@ -446,7 +453,7 @@ def contrastive_loss(
                                                                      generator)
         negative_index, queue_nonempty = queues.sample_indices(num_anchors * num_negatives, generator=generator)
         class_used = class_present & (anchor_count > 0) & queue_nonempty
-        prototypes_unit = F.normalize(prototypes, dim=1)
+        prototypes_unit = F.normalize(sums, dim=1)  # the mean's direction
         # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
         # present (still attached to rep through the clamped anchor gather)
         class_weight = torch.where(class_used & (num_present >= 2),
@@ -455,4 +462,5 @@ def contrastive_loss(
     with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)
         loss = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature, class_weight)
-    return ContrastiveOutput(loss, anchor_index, negative_index, class_present, class_used, num_present, prototypes)
+    return ContrastiveOutput(loss, anchor_index, negative_index, class_present, class_used, num_present, sums,
+                             pixels_per_class)

@@ -90,7 +90,8 @@ class ClassQueues:
             return
         rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
         pushed = rank_in_class[:, -1]  # pairs per class this push (int32; int64 once combined with the long state)
-        overflow = (pushed - self.capacities).clamp(min=0)  # oldest pairs that cannot survive
+        kept = torch.minimum(pushed, self.capacities)  # only the newest capacity_c pairs can survive
+        overflow = pushed - kept  # the oldest pairs, which cannot
         keep = mask_cn & (rank_in_class > overflow[:, None])
 
         # each class keeps at most its capacity, so at most total_capacity pairs are kept: that size never drops one
@@ -100,22 +101,22 @@ class ClassQueues:
             static_size = int(max_pairs)
         # (class, row) of the kept pairs in class-major order, then padding (0, 0): a real row, written to scratch
         pairs = torch.nonzero_static(keep, size=static_size, fill_value=0)
-        total_pairs = keep.sum()
+        total_pairs = kept.sum()
         if can_drop:
             self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
             total_pairs = total_pairs.clamp(max=static_size)
         padding = constant_arange(static_size, keep.device) >= total_pairs
 
         cls, row = pairs[:, 0], pairs[:, 1]
-        # slot = offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c, the per-class terms in one gather
-        per_class = torch.stack([self.write_ptr - overflow - 1, self.capacities, self.offsets], dim=1)[cls]
-        rank = rank_in_class[cls, row]
-        slot = per_class[:, 2] + torch.remainder(rank + per_class[:, 0], per_class[:, 1])
-        slot.masked_fill_(padding, self.scratch_row)
-        # the real pairs come first in `pair`: copy those rows only where the device can skip the padding
+        # the ring slot of every (class, row) pair, offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c,
+        # over the whole [C, N] grid (a few elementwise passes), then one gather of the kept pairs' slots
+        ring_start = (self.write_ptr - overflow - 1)[:, None]
+        slot_cn = torch.remainder(rank_in_class + ring_start, self.capacities[:, None]).add_(self.offsets[:, None])
+        slot = slot_cn[cls, row].masked_fill_(padding, self.scratch_row)
+        # the real pairs come first in `pairs`: copy those rows only where the device can skip the padding
         copy_rows_(self.buffer, slot, features, row, total_pairs)
 
-        self.write_ptr.add_(pushed - overflow).remainder_(self.capacities)
+        self.write_ptr.add_(kept).remainder_(self.capacities)
         self.fill.add_(pushed).clamp_(max=self.capacities)
 
     def _push_exact(self, features: torch.Tensor, mask_cn: torch.Tensor) -> None:

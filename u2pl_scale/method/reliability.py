@@ -157,7 +157,7 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     else:  # keys are a bijection of the fp32 bit patterns: the sorted keys give the sorted values back exactly
         selected = torch.sort(keys).values[bounds]
     lower_value, upper_value = _from_order_keys(selected).chunk(2)
-    result = lower_value + (upper_value - lower_value) * fraction
+    result = torch.lerp(lower_value, upper_value, fraction)  # lower + (upper - lower) * fraction
     return torch.where(count > 0, result, float("inf"))
 
 
