@@ -43,6 +43,8 @@ run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision 
 # train.compile_method: the method as one compiled graph replayed as CUDA graphs (launch-bound in eager on a GPU)
 run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method --profile-method
 run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc --profile
+# the eager device path's host work per step on this machine's CPU (tiny shapes): the launch-bound share above
+run host_cost 60 python3 benchmarks/method_overhead.py --host-cost
 run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile --profile
 # the method replayed as CUDA graphs (train.compile_method_mode=reduce-overhead): no syncs, fresh inputs each replay
 run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" -k graphs

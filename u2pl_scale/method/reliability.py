@@ -137,6 +137,12 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
     One sort serves all `qs`. Returns a [len(qs)] fp32 tensor on the values' device. With no valid entry the
     result is +inf (so `H >= threshold` selects nothing), computed without a host sync.
     """
+    return _percentiles_and_count(values, valid_mask, qs)[0]
+
+
+def _percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
+                           qs: Union[Sequence[Number], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`percentiles`, and the number of valid entries (0-dim long) it counted on the way."""
     flat = values.reshape(-1).float()
     valid = valid_mask.reshape(-1).to(torch.bool)
     keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
@@ -158,7 +164,7 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
         selected = torch.sort(keys).values[bounds]
     lower_value, upper_value = _from_order_keys(selected).chunk(2)
     result = torch.lerp(lower_value, upper_value, fraction)  # lower + (upper - lower) * fraction
-    return torch.where(count > 0, result, float("inf"))
+    return torch.where(count > 0, result, float("inf")), count
 
 
 def percentile(values: torch.Tensor, valid_mask: torch.Tensor, q: Number) -> torch.Tensor:
@@ -167,16 +173,25 @@ def percentile(values: torch.Tensor, valid_mask: torch.Tensor, q: Number) -> tor
 
 
 def drop_unreliable(
-    pseudo_labels: torch.Tensor, entropy_map: torch.Tensor, threshold: torch.Tensor, ignore_index: int = 255
+    pseudo_labels: torch.Tensor,
+    entropy_map: torch.Tensor,
+    threshold: torch.Tensor,
+    ignore_index: int = 255,
+    valid: torch.Tensor | None = None,
+    valid_count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Set pseudo-labels of pixels with entropy >= threshold to `ignore_index` (spec section 4).
 
-    Returns (reliable labels [B, H, W], kept pixel count as a 0-dim tensor).
+    Returns (reliable labels [B, H, W], kept pixel count as a 0-dim tensor). `valid` (pseudo_labels !=
+    ignore_index) and its count are computed here unless the caller has them.
     """
-    valid = pseudo_labels != ignore_index
+    if valid is None:
+        valid = pseudo_labels != ignore_index
+    if valid_count is None:
+        valid_count = valid.sum()
     unreliable = (entropy_map >= threshold) & valid
     reliable_labels = torch.where(unreliable, ignore_index, pseudo_labels)
-    return reliable_labels, (valid & ~unreliable).sum()
+    return reliable_labels, valid_count - unreliable.sum()
 
 
 def entropy_masks(
@@ -202,7 +217,7 @@ class Reliability:
 
     @property
     def reliable_ratio(self) -> torch.Tensor:
-        return self.kept_count.float() / self.valid_count.clamp(min=1).float()
+        return self.kept_count / self.valid_count.clamp(min=1)  # true division: fp32
 
 
 def reliability(
@@ -223,11 +238,13 @@ def reliability(
     if entropy_map is None:
         entropy_map = entropy_from_logits(teacher_logits_u)
     valid = pseudo_labels != ignore_index
-    thresholds = percentiles(entropy_map, valid, _as_percent_list(100.0 - drop_percent, alpha_t, 100.0 - alpha_t))
+    thresholds, valid_count = _percentiles_and_count(
+        entropy_map, valid, _as_percent_list(100.0 - drop_percent, alpha_t, 100.0 - alpha_t))
     drop_threshold, low_threshold, high_threshold = thresholds[0], thresholds[1], thresholds[2]
-    reliable_labels, kept_count = drop_unreliable(pseudo_labels, entropy_map, drop_threshold, ignore_index)
+    reliable_labels, kept_count = drop_unreliable(pseudo_labels, entropy_map, drop_threshold, ignore_index, valid,
+                                                  valid_count)
     low, high = entropy_masks(entropy_map, valid, low_threshold, high_threshold)
-    return Reliability(entropy_map, reliable_labels, kept_count, valid.sum(), drop_threshold, low, high)
+    return Reliability(entropy_map, reliable_labels, kept_count, valid_count, drop_threshold, low, high)
 
 
 def _as_percent_list(*qs: Number) -> Union[list, torch.Tensor]:
