@@ -148,7 +148,7 @@ def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logit
 def compiled_method_losses(mode: str):
     """method_losses under torch.compile (train.compile_method, train.compile_method_mode). Compiled code takes the
     method's device path on every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes:
-    on a GPU its ~300 small kernels (see benchmarks/RESULTS.md) fuse into a few, and with mode reduce-overhead the
+    on a GPU its ~200 small kernels (see benchmarks/RESULTS.md) fuse into a few, and with mode reduce-overhead the
     forward and the backward each replay as one CUDA graph. At world size > 1 the queues' all-gather splits it.
     Its random draws (anchor and negative sampling) come from inductor's generator, seeded from torch's."""
     return torch.compile(method_losses, dynamic=False, mode=mode)
