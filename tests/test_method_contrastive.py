@@ -93,6 +93,30 @@ def slow_masks(prob, labels, low, high, num_labeled, c, low_rank, high_rank):
     return label_low, anchor, negative
 
 
+def test_masks_with_tied_probabilities_match_the_slow_reference(method_path):
+    """Values from a set of four, so most pixels have ties at the rank boundaries: ties rank the lower class
+    first on both paths (the CPU's rounds over values with the tied pixels redone from keys; the device path's
+    stable sort)."""
+    gen = torch.Generator().manual_seed(11)
+    classes, h, w, low_rank, high_rank = 7, 6, 5, 3, 5
+    prob = torch.tensor([0.1, 0.2, 0.4, 0.5])[torch.randint(0, 4, (4, classes, h, w), generator=gen)]  # not 0.3:
+    # the anchor threshold compares in fp32 here and in float64 in the reference
+    labels = torch.randint(0, classes, (4, h, w), generator=gen)
+    labels[1, 0] = 255
+    low = torch.rand(4, h, w, generator=gen) < 0.6
+    high = torch.rand(4, h, w, generator=gen) < 0.7
+    masks = contrastive_masks(prob, labels, low, high, 2, low_rank=low_rank, high_rank=high_rank)
+    ties = 0
+    for c in range(classes):
+        label_low, anchor, negative = slow_masks(prob, labels, low, high, 2, c, low_rank, high_rank)
+        assert pixels(masks.label_low, c) == label_low and pixels(masks.anchor, c) == anchor
+        assert pixels(masks.negative, c) == negative, c
+    for q in prob.permute(0, 2, 3, 1).reshape(-1, classes).tolist():
+        ranked = sorted(q, reverse=True)
+        ties += ranked[low_rank - 1] == ranked[low_rank] or ranked[high_rank - 1] == ranked[high_rank]
+    assert ties > 60  # of 120 pixels: the boundaries are tied often
+
+
 def test_random_case_matches_slow_reference_with_the_same_indices(method_path):
     gen = torch.Generator().manual_seed(7)
     classes, dim, h, w, low_rank, high_rank = 6, 8, 5, 6, 2, 5

@@ -23,9 +23,10 @@ Differences from the published code, on purpose:
   with sampled negatives is one batched dot product; the loss is the same as with raw features. Everything is
   fp32 except, when the queue is created with dtype=torch.bfloat16 (half the memory traffic), the dot products
   with the sampled negatives, which then run in bf16 with fp32 accumulation.
-- Ranks come from k rounds of a max over per-pixel keys (value bits, class index) instead of topk/sort over the
-  class dim; ties rank the lower class index first (like a stable descending sort), topk left them unspecified.
-  On CPU the rounds run over the fp32 values, and only pixels with a tie at the k-th value use the keys.
+- Ties in the teacher's ranking rank the lower class index first (a stable descending sort); the published topk
+  left them unspecified. On the device path the ranks come from one stable sort of each pixel's classes (two
+  kernels); on CPU from k rounds of a max over the fp32 values (a 21-long sort or topk per pixel is several times
+  slower there), where only pixels with a tie at the k-th value are redone from (value bits, class index) keys.
 
 How it is computed (same values as the batched [N, C, hw]-mask formulation, measured several times cheaper on CPU):
 - prototype and anchor membership are one label per pixel (a pixel belongs to at most its own class): class sums
@@ -147,6 +148,14 @@ def _value_top_mask(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor
     return mask
 
 
+def _class_ranks(prob: torch.Tensor) -> torch.Tensor:
+    """[N, C, hw] -> int64 rank of each class within its pixel, 0 for the largest value; ties rank the lower class
+    first (a stable descending sort), as `_top_mask(_rank_keys(prob), ...)` orders them."""
+    order = torch.sort(prob, dim=1, descending=True, stable=True).indices
+    positions = constant_arange(prob.shape[1], prob.device)[None, :, None].expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
 @dataclass
 class _PixelClasses:
     prototype_label: torch.Tensor  # [P] long: label if (label in range & low entropy) else C
@@ -180,12 +189,14 @@ def _pixel_classes(
     anchor_label = torch.where((prototype_label < num_classes) & (q_label > anchor_threshold), prototype_label,
                                num_classes)
 
-    keys = None if host_path(prob.device) else _rank_keys(prob)  # CPU: masks from the values
-
-    def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
-        if keys is None:
+    if host_path(prob.device):  # CPU: rounds of max over the values (_value_top_mask)
+        def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
             return _value_top_mask(prob[images], k, largest)
-        return _top_mask(keys[images], k, largest)
+    else:  # one stable sort of each pixel's classes gives every rank: two kernels where rounds of max take ~17
+        ranks = _class_ranks(prob)
+
+        def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
+            return ranks[images] < k if largest else ranks[images] >= num_classes - k
 
     top_low = rank_mask(slice(None), min(low_rank, num_classes), largest=True)
     candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
