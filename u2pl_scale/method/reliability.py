@@ -1,8 +1,8 @@
 """Reliable and unreliable pixels from the teacher's entropy (U2PL_SPEC.md sections 4 and 6).
 
-Everything here stays on the tensors' device with fixed shapes: percentiles are a sort of order-preserving
-integer keys (a radix sort on both CPU and CUDA) plus a gather at a count-dependent position, so no value is
-ever read back to the host.
+Everything here stays on the tensors' device with fixed shapes: percentiles are one sort (on CPU a radix select
+over order-preserving integer keys) plus a gather at a count-dependent position, so no value is ever read back to
+the host.
 """
 
 from __future__ import annotations
@@ -145,7 +145,6 @@ def _percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
     """`percentiles`, and the number of valid entries (0-dim long) it counted on the way."""
     flat = values.reshape(-1).float()
     valid = valid_mask.reshape(-1).to(torch.bool)
-    keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
     count = valid.sum()
     last_index = (count - 1).clamp(min=0)
     last = last_index.to(torch.float64)
@@ -158,11 +157,13 @@ def _percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
     lower_index = lower.long().clamp(0, flat.numel() - 1)  # q outside [0, 100] clamps to the ends
     bounds = torch.cat([lower_index, torch.minimum(lower_index + 1, last_index)])
     if host_path(flat.device):
-        # no device to keep in sync with: select the few order statistics instead of sorting everything
-        selected = _select_keys_cpu(keys, bounds)
-    else:  # keys are a bijection of the fp32 bit patterns: the sorted keys give the sorted values back exactly
-        selected = torch.sort(keys).values[bounds]
-    lower_value, upper_value = _from_order_keys(selected).chunk(2)
+        # no device to keep in sync with: select the few order statistics instead of sorting everything, by a
+        # radix select over integer keys (a bijection of the fp32 bit patterns that keeps their order)
+        keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
+        selected = _from_order_keys(_select_keys_cpu(keys, bounds))
+    else:  # one sort of the values (a radix sort on CUDA), invalid entries last as +inf
+        selected = torch.sort(torch.where(valid, flat, float("inf"))).values[bounds]
+    lower_value, upper_value = selected.chunk(2)
     result = torch.lerp(lower_value, upper_value, fraction)  # lower + (upper - lower) * fraction
     return torch.where(count > 0, result, float("inf")), count
 
