@@ -60,7 +60,7 @@ SHAPES = {
 }
 # --host-cost: VOC's classes and batch with every size small, so that each op's kernel costs next to nothing and
 # what is timed is the host's work per op (dispatch, autograd, Python). Feature dim, anchors and negatives:
-HOST_COST_SHAPE = (2, 2, 33, 9, 21, [64] * 21)
+HOST_COST_SHAPE = (2, 2, 9, 3, 21, [64] * 21)
 HOST_COST_CONTRASTIVE = dict(dim=8, num_anchors=4, num_negatives=2)
 
 

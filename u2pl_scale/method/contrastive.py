@@ -184,10 +184,10 @@ def _pixel_classes(
     high = high_mask.reshape(batch, -1).bool()
 
     in_range = (labels >= 0) & (labels < num_classes)
-    prototype_label = torch.where(low & in_range, labels, num_classes)
+    prototype_pixel = low & in_range
+    prototype_label = torch.where(prototype_pixel, labels, num_classes)
     q_label = prob.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
-    anchor_label = torch.where((prototype_label < num_classes) & (q_label > anchor_threshold), prototype_label,
-                               num_classes)
+    anchor_label = torch.where(prototype_pixel & (q_label > anchor_threshold), labels, num_classes)
 
     if host_path(prob.device):  # CPU: rounds of max over the values (_value_top_mask)
         def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
@@ -467,8 +467,7 @@ def contrastive_loss(
         prototypes_unit = F.normalize(sums, dim=1)  # the mean's direction
         # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
         # present (still attached to rep through the clamped anchor gather)
-        class_weight = torch.where(class_used & (num_present >= 2),
-                                   (num_present * num_anchors).clamp(min=1).reciprocal(), 0.0)
+        class_weight = (class_used & (num_present >= 2)) / (num_present * num_anchors).clamp(min=1)
 
     with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)
