@@ -23,11 +23,13 @@ is the number to compare across runs on a shared machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 # Large fresh CPU allocations page-fault on every step; transparent huge pages make that several times cheaper.
@@ -38,6 +40,7 @@ if os.environ["OMP_WAIT_POLICY"].lower() == "default":  # measure libgomp's defa
     del os.environ["OMP_WAIT_POLICY"]
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -61,7 +64,8 @@ SHAPES = {
 # --host-cost: VOC's classes and batch with every size small, so that each op's kernel costs next to nothing and
 # what is timed is the host's work per op (dispatch, autograd, Python). Feature dim, anchors and negatives:
 HOST_COST_SHAPE = (2, 2, 9, 3, 21, [64] * 21)
-HOST_COST_CONTRASTIVE = dict(dim=8, num_anchors=4, num_negatives=2)
+HOST_COST_DIM = 8
+HOST_COST_CONTRASTIVE = dict(num_anchors=4, num_negatives=2)
 
 
 def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed: int = 0, dim: int = 256,
@@ -118,29 +122,20 @@ def sync(device: torch.device) -> None:
 _NO_KERNEL = {"empty", "empty_strided", "detach", "lift_fresh", "scalar_tensor", "_local_scalar_dense"}
 
 
-class _OpCounter:
+class _OpCounter(TorchDispatchMode):
     """A dispatch mode counting the kernel-launching aten ops (not views, not allocations) by calling function."""
 
-    def __new__(cls):
-        import collections
-        import traceback
+    def __init__(self):
+        super().__init__()
+        self.where = collections.Counter()
 
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Count(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.where = collections.Counter()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if not func.is_view and func._schema.name.split("::")[-1] not in _NO_KERNEL:
-                    frames = [f for f in traceback.extract_stack() if "u2pl_scale" in f.filename]
-                    where = (f"{frames[-1].filename.split('u2pl_scale/')[-1]} {frames[-1].name}" if frames
-                             else "autograd backward of built-in ops")
-                    self.where[where] += 1
-                return func(*args, **(kwargs or {}))
-
-        return Count()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name.split("::")[-1] not in _NO_KERNEL:
+            frames = [f for f in traceback.extract_stack() if "u2pl_scale" in f.filename]
+            where = (f"{frames[-1].filename.split('u2pl_scale/')[-1]} {frames[-1].name}" if frames
+                     else "autograd backward of built-in ops")
+            self.where[where] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def count_ops(shape: str) -> None:
@@ -175,22 +170,21 @@ def host_cost(steps: int, warmup: int) -> None:
     torch.set_num_threads(1)
     rows = []
     for path in ("device", "host"):
-        inputs = make_inputs(HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=HOST_COST_CONTRASTIVE["dim"],
-                             contrastive={k: v for k, v in HOST_COST_CONTRASTIVE.items() if k != "dim"})
+        inputs = make_inputs(HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=HOST_COST_DIM,
+                             contrastive=HOST_COST_CONTRASTIVE)
         generator = torch.Generator().manual_seed(1)
         context = device_path_on_cpu if path == "device" else contextlib.nullcontext
         times = []
         with context():
-            for step in range(warmup + steps + 1):
+            for step in range(warmup + steps):
                 inputs["student_logits_u"].grad = inputs["rep"].grad = None
-                if step == warmup + steps:  # one more, counted
-                    with _OpCounter() as counter:
-                        method_step(inputs, 0.1, generator)
-                    break
                 start = time.perf_counter()
                 method_step(inputs, 0.1, generator)
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
+            inputs["student_logits_u"].grad = inputs["rep"].grad = None
+            with _OpCounter() as counter:  # one more step, counted
+                method_step(inputs, 0.1, generator)
         rows.append((path, sum(counter.where.values()), sorted(times)))
     print("| path | ops per step | host ms per step (median) | min ms | p90 ms |")
     print("| --- | --- | --- | --- | --- |")

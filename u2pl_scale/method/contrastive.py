@@ -275,11 +275,14 @@ class _GatherRowsCPU(torch.autograd.Function):
         return grad.view(batch, height, width, dim).permute(0, 3, 1, 2), None
 
 
+def _inverse_norm(rows: torch.Tensor) -> torch.Tensor:
+    """1 / max(|row|, 1e-12) over the last dim (kept), F.normalize's denominator. No autograd: in-place."""
+    return torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+
+
 def _unit_rows(rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.normalize(rows, dim=1) as one multiply by the clamped inverse norm: a divide per element costs more, and
-    with autograd the backward has one divide instead of three."""
-    inverse_norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
-    return torch.mul(rows, inverse_norm, out=out) if out is not None else rows * inverse_norm
+    """F.normalize(rows, dim=-1) as one multiply by the inverse norm (a divide per element costs more)."""
+    return torch.mul(rows, _inverse_norm(rows), out=out)
 
 
 def _gather_pixels(features: torch.Tensor, pixel_index: torch.Tensor) -> torch.Tensor:
@@ -303,8 +306,7 @@ def _count_per_class(pixel_label: torch.Tensor, num_classes: int) -> torch.Tenso
     if host_path(pixel_label.device):
         counts = torch.zeros(num_classes + 1, dtype=torch.long, device=pixel_label.device)
         return counts.index_add_(0, pixel_label, torch.ones_like(pixel_label))[:num_classes]
-    classes = constant_arange(num_classes, pixel_label.device)
-    return (pixel_label[None, :] == classes[:, None]).sum(1)
+    return _label_mask(pixel_label, 1, num_classes)[0].sum(1)
 
 
 def sample_anchor_index(
@@ -363,7 +365,7 @@ class _AnchorLoss(torch.autograd.Function):
         index = index.reshape(rows, -1)
         num_negatives = index.shape[1]
         device = anchors.device
-        inverse_norm = torch.linalg.vector_norm(anchors, dim=2, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        inverse_norm = _inverse_norm(anchors)  # [C, A, 1]
         unit = anchors * inverse_norm  # [C, A, D]
         scaled = unit.reshape(rows, dim) * (1.0 / temperature)  # logits = scaled . key
         logits = torch.empty(rows, num_negatives + 1, dtype=torch.float32, device=device)
@@ -445,13 +447,15 @@ def contrastive_loss(
         teacher = rep_teacher.detach().float()
         rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
         # prototypes: mean teacher feature per class over its low-entropy pixels
-        pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
         if host_path(teacher.device):
+            pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
             sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
             sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
-        else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images
-            one_hot = _label_mask(pixel.prototype_label, batch, num_classes).float()
-            sums = torch.bmm(one_hot, teacher.flatten(2).transpose(1, 2)).sum(0)
+        else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images; the same
+            # one-hot gives the counts
+            one_hot = _label_mask(pixel.prototype_label, batch, num_classes)
+            pixels_per_class = one_hot.sum((0, 2))
+            sums = torch.bmm(one_hot.float(), teacher.flatten(2).transpose(1, 2)).sum(0)
         class_present = pixels_per_class > 0
         num_present = class_present.sum()
 
