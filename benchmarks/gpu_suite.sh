@@ -21,7 +21,7 @@ fi
 if [ "${GPU_SUITE_DRY:-0}" = 1 ]; then
     DEV="--device cpu --backbone resnet18 --crop 65 --steps 1 --warmup 1"; MDEV="--device cpu --steps 2 --warmup 1"
 else
-    DEV="--device cuda --steps 20"; MDEV="--device cuda --steps 20 --warmup 5"
+    DEV="--device cuda --steps 60"; MDEV="--device cuda --steps 20 --warmup 5"
 fi
 run() {  # name, timeout, command...
     local name=$1 limit=$2; shift 2
@@ -42,6 +42,10 @@ run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
 # train.compile_method: the method as one compiled graph replayed as CUDA graphs (launch-bound in eager on a GPU)
 run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method --profile-method
+# the eager run again, after the compiled one: in stop 15's three calls the compiled run (always second) was slower
+# in its model parts too; this and each run's "without the method, before / after" rows tell drift from a cost of
+# compiling
+run breakdown_bf16_cl_again 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
 run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc --profile
 # the eager device path's host work per step on this machine's CPU (tiny shapes): the launch-bound share above
 run host_cost 60 python3 benchmarks/method_overhead.py --host-cost

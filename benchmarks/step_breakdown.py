@@ -29,6 +29,9 @@ model work. So the method's cost is also given at the margin: the real step time
 and EMA), and 1 - without / with. The steps with and without the method are timed interleaved, alternating
 which comes first, so that a drift of the machine's speed falls on both (the median of each, and the spread of
 the per-pair figure, are printed). On a CPU the step's own spread (+-15 %) is larger than the method's share.
+Those pairs cannot see a cost that the method puts on the whole process (both sides run in it): the step without
+the method is therefore also timed first, before any step with the method has run (nothing compiled yet), and
+again after the breakdown steps; with the method eager the two show the machine's drift alone.
 
 CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129, 2 + 2 images, VOC (21 classes,
 full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
@@ -68,6 +71,7 @@ from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E4
 from u2pl_scale.engine.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
     StepConfig,
+    method_runs_in_graph,
     method_runs_in_profile,
     run_method_losses,
     pseudo_labels,
@@ -219,10 +223,12 @@ def main() -> None:
         steps_since_copy += 1
 
     # ---------------------------------------------------------------- total: the real step, no inner syncs
-    def real_step(step_config=sc):
+    def real_step(step_config=sc, inspect=None):
         batch_l, batch_u = next(batches)
         x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
         terms = u2pl_step(step_config, model, teacher, queues, x_l, y_l, x_u, valid_u, PROGRESS, autocast_ctx)
+        if inspect is not None:
+            inspect(terms["loss"])
         terms["loss"].backward()
         optimizer_and_ema()
 
@@ -284,19 +290,46 @@ def main() -> None:
 
     probes = []
 
-    def probe(phase: str):
-        """With the method compiled: whether one real step (profiled) ran the compiled method and replayed CUDA
-        graphs, after each phase of this benchmark (on the H100's torch 2.11 the method ran eager after the FLOP
-        count, which then ran it under FlopCounterMode: see there)."""
+    def probe(phase: str, cuda_activity: bool = False):
+        """With the method compiled: whether one real step ran the compiled method, after each phase of this
+        benchmark (on the H100's torch 2.11 the method ran eager after the FLOP count, which then ran it under
+        FlopCounterMode: see there), read from the step's autograd graph. No profiler between timed phases: a
+        profile of CUDA activity leaves NVIDIA's CUPTI attached to the process once inductor's CUDA graphs are in
+        use (inductor turns CUPTI teardown off for them, pytorch/pytorch#144455), and every later kernel launch
+        pays for it. The CUDA graph replays are counted by the last probe alone (`cuda_activity`), after
+        everything is timed."""
         if not args.compile_method:
             return
-        from torch.profiler import profile
+        runs = {}
+        if cuda_activity and on_gpu:
+            from torch.profiler import ProfilerActivity, profile
 
-        with profile() as prof:
-            real_step()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                real_step()
+                sync(device)
+            runs = method_runs_in_profile(prof)
+        else:
+            real_step(inspect=lambda loss: runs.update(method_runs_in_graph(loss)))
             sync(device)
-        runs = method_runs_in_profile(prof)
-        probes.append(f"| after {phase} | {runs['compiled']} | {runs['graph_launches']} | {runs['eager']} |")
+        launches = runs.get("graph_launches", "(not profiled)")
+        probes.append(f"| after {phase} | {runs['compiled']} | {launches} | {runs['eager']} |")
+
+    # the model's part of the step alone (no method), before anything compiled has run and again after every timed
+    # phase: whether compiling the method (or a probe) slows the process's other work, which the interleaved
+    # with / without pairs below cannot see (both sides run in the same, possibly slowed, process)
+    def model_only_median():
+        times = []
+        for _ in range(args.steps):
+            sync(device)
+            start = time.perf_counter()
+            real_step_without_method()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    for _ in range(args.warmup):
+        real_step_without_method()
+    model_only_before = model_only_median()
 
     # sync counting (GPU): warnings from set_sync_debug_mode during the real steps
     for _ in range(args.warmup):
@@ -357,6 +390,7 @@ def main() -> None:
         timed_step(times)
 
     probe("breakdown steps")
+    model_only_after = model_only_median()
 
     # model FLOPs of one real step (teacher forwards + student forward/backward + method), counted by torch, last,
     # and with the method eager: dynamo skips a compiled function called under a dispatch mode such as
@@ -369,7 +403,7 @@ def main() -> None:
     step_flops = counter.get_total_flops()
     probe("FLOP count (method eager)")
     matmul_peak = measured_matmul_peak(device, args.precision) if on_gpu else None
-    probe("matmul peak")
+    probe("matmul peak", cuda_activity=True)
     if args.profile_method:
         from torch.profiler import profile
 
@@ -396,6 +430,9 @@ def main() -> None:
     print(f"| real step (u2pl_step, no inner syncs) | {1000 * total:.1f} | |")
     print(f"| real step, interleaved with the next row | {1000 * with_median:.1f} | |")
     print(f"| real step without the method work, interleaved | {1000 * without_median:.1f} | |")
+    print(f"| step without the method work, before any step with it (first timed phase) | "
+          f"{1000 * model_only_before:.1f} | |")
+    print(f"| step without the method work, after the breakdown steps | {1000 * model_only_after:.1f} | |")
     print()
     print("| metric | value |")
     print("| --- | --- |")
@@ -420,8 +457,8 @@ def main() -> None:
         print(f"| MFU vs H100 SXM dense bf16 datasheet (989 TFLOP/s) | {100 * achieved / 989e12:.1f} % |")
     if probes:
         print()
-        print("| compiled method, one profiled real step | compiled-region calls | CUDA graph launches | eager "
-              "_AnchorLoss nodes |")
+        print("| compiled method, one probed real step (autograd graph; last row on a GPU: CUDA profile) | "
+              "compiled regions | CUDA graph launches | eager _AnchorLoss nodes |")
         print("| --- | --- | --- | --- |")
         print("\n".join(probes))
 

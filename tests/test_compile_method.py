@@ -18,7 +18,7 @@ from torch._inductor import config as inductor_config
 
 from test_method_queues import free_port
 from u2pl_scale.config import load_config
-from u2pl_scale.engine.step import StepConfig, run_method_losses
+from u2pl_scale.engine.step import StepConfig, method_runs_in_graph, run_method_losses
 from u2pl_scale.method.paths import device_path_on_cpu
 from u2pl_scale.method.queues import ClassQueues
 
@@ -64,10 +64,11 @@ def run(compiled: bool, seed: int, progress: float):
     sc.compile_method = compiled
     unsup, contra, reliable = run_method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
                                                 progress)
+    runs = method_runs_in_graph(unsup + contra)
     (unsup + contra).backward()
     return dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(), grad_pred=pred.grad,
                 grad_rep=rep.grad, buffer=queues.buffer[:-1].clone(), write_ptr=queues.write_ptr.clone(),
-                fill=queues.fill.clone())
+                fill=queues.fill.clone(), runs=runs)
 
 
 def assert_same(eager: dict, compiled: dict):
@@ -97,6 +98,9 @@ def test_compiled_method_is_one_graph_that_matches_the_eager_host_path():
             eager = run(False, seed, progress)
             compiled = run(True, seed, progress)
             assert_same(eager, compiled)
+            # the diagnostic the step benchmark reads between timed phases (no profiler) tells the two apart
+            assert eager["runs"]["compiled"] == 0 and eager["runs"]["eager"] == 1, eager["runs"]
+            assert compiled["runs"]["compiled"] == 1 and compiled["runs"]["eager"] == 0, compiled["runs"]
     # one graph for the whole method (no graph breaks), and a new training progress does not recompile it
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])

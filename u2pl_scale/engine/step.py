@@ -182,6 +182,22 @@ def method_runs_in_profile(prof) -> dict:
             "eager": names["_AnchorLoss"] + names["_AnchorLossBackward"]}
 
 
+def method_runs_in_graph(loss: torch.Tensor) -> dict:
+    """How the method ran, read from the autograd graph behind `loss` before its backward, without a profiler:
+    `compiled` (backward nodes of compiled regions) and `eager` (backward nodes of the eager contrastive loss).
+    For benchmarks that must not profile CUDA between timed phases: a CUDA profile leaves CUPTI attached once
+    inductor's CUDA graphs are in use (pytorch/pytorch#144455)."""
+    names, seen, stack = collections.Counter(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[node.name()] += 1
+        stack.extend(child for child, _ in node.next_functions)
+    return {"compiled": names["CompiledFunctionBackward"], "eager": names["_AnchorLossBackward"]}
+
+
 def progress_tensor(progress: float, device) -> torch.Tensor:
     """The training progress as the compiled method takes it: a tensor on the training device, filled by a kernel
     from the host value (no copy, no sync). A float would be a constant of the graph and recompile it every epoch;
