@@ -39,7 +39,11 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 # the parts in order of what they decide (a lease can end early; GPU_SUITE_ONLY="name ..." runs only those named)
 # the Triton row copy of the queue push against the CPU push, first: the timings below assume it is right
 run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k static_queue_push
+# train.compile_method_mode=cuda-graph (engine/graphed.py, new in stop 15, never run on a GPU yet): the eager method
+# captured by hand as two CUDA graphs, no torch.compile; first its test against the eager method
+run test_gpu_captured 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "captured_by_hand or method-captured"
 run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
+run breakdown_bf16_cl_captured_method 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method cuda-graph
 # train.compile_method: the method as one compiled graph replayed as CUDA graphs (launch-bound in eager on a GPU)
 run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method --profile-method
 # the eager run again, after the compiled one: in stop 15's three calls the compiled run (always second) was slower
@@ -47,15 +51,16 @@ run breakdown_bf16_cl_compiled_method 300 python3 benchmarks/step_breakdown.py $
 # compiling
 run breakdown_bf16_cl_again 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
 run overhead_voc 60 python3 benchmarks/method_overhead.py $MDEV --shape voc --profile
+run overhead_voc_captured 60 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile cuda-graph --profile
 # the eager device path's host work per step on this machine's CPU (tiny shapes): the launch-bound share above
 run host_cost 60 python3 benchmarks/method_overhead.py --host-cost
 run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile --profile
 # the method replayed as CUDA graphs (train.compile_method_mode=reduce-overhead): no syncs, fresh inputs each replay
 run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" -k graphs
-run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push"
+run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push and not captured_by_hand"
 # train.cudnn_benchmark=false: what cuDNN's autotuning is worth to the model's part of the step
 run breakdown_bf16_cl_no_cudnn_benchmark 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --no-cudnn-benchmark
-run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k eager
+run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k "eager"
 run test_gpu_run_method_compiled 180 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k method-compiled
 run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8

@@ -107,6 +107,25 @@ def method_forward(inputs: dict, progress, generator=None):
     return unsup, contra.loss, rel.reliable_ratio
 
 
+GRAPH_INPUTS = ("student_logits_u", "rep", "teacher_logits_u", "pseudo_u", "labels_l", "rep_teacher", "prob_teacher")
+
+
+def graphed_forward(inputs: dict, recorder=None):
+    """method_forward captured by hand as CUDA graphs (train.compile_method_mode=cuda-graph): the tensors the
+    graphs read as static inputs (the first two get gradients), the rest of `inputs` fixed at capture."""
+    from u2pl_scale.engine.graphed import CudaRecorder, GraphCache
+
+    fixed = {k: v for k, v in inputs.items() if k not in GRAPH_INPUTS + ("queues",)}
+
+    def method(fixed, *args):
+        *tensors, queues, progress = args
+        return method_forward(dict(fixed, queues=queues, **dict(zip(GRAPH_INPUTS, tensors))), progress)
+
+    cache = GraphCache(method, recorder or CudaRecorder)
+    return lambda inputs, progress, generator: cache(fixed, tuple(inputs[k] for k in GRAPH_INPUTS),
+                                                     inputs["queues"], progress, generator)
+
+
 def method_step(inputs: dict, progress: float = 0.1, generator=None, forward=method_forward) -> dict:
     unsup, contra, ratio = forward(inputs, progress, generator)
     (unsup + contra).backward()
@@ -228,7 +247,11 @@ def main() -> None:
     inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype))
     generator = torch.Generator(device=device).manual_seed(1)
     step_kwargs = dict(generator=generator)
-    if args.compile:  # as run_method_losses calls it
+    if args.compile == "cuda-graph" and device.type != "cuda":
+        parser.error("--compile cuda-graph needs --device cuda")
+    if args.compile == "cuda-graph":  # captured by hand (engine/graphed.py), as run_method_losses runs it
+        step_kwargs = dict(forward=graphed_forward(inputs))
+    elif args.compile:  # as run_method_losses calls it
         torch.manual_seed(1)
         compiled = torch.compile(method_forward, dynamic=False, mode=args.compile)
 

@@ -71,6 +71,7 @@ from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E4
 from u2pl_scale.engine.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
     StepConfig,
+    check_method_mode,
     method_runs_in_graph,
     method_runs_in_profile,
     run_method_losses,
@@ -183,6 +184,7 @@ def main() -> None:
         overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
     cfg = load_config(args.config, overrides)
+    check_method_mode(cfg.train, device, 1)
     sc = StepConfig.from_config(cfg)
     num_classes = cfg.data.num_classes
     torch.manual_seed(0)
@@ -312,7 +314,8 @@ def main() -> None:
             real_step(inspect=lambda loss: runs.update(method_runs_in_graph(loss)))
             sync(device)
         launches = runs.get("graph_launches", "(not profiled)")
-        probes.append(f"| after {phase} | {runs['compiled']} | {launches} | {runs['eager']} |")
+        regions = runs["compiled"] + runs["captured"]
+        probes.append(f"| after {phase} | {regions} | {launches} | {runs['eager']} |")
 
     # the model's part of the step alone (no method), before anything compiled has run and again after every timed
     # phase: whether compiling the method (or a probe) slows the process's other work, which the interleaved
@@ -458,7 +461,7 @@ def main() -> None:
     if probes:
         print()
         print("| compiled method, one probed real step (autograd graph; last row on a GPU: CUDA profile) | "
-              "compiled regions | CUDA graph launches | eager _AnchorLoss nodes |")
+              "compiled or captured regions | CUDA graph launches | eager _AnchorLoss nodes |")
         print("| --- | --- | --- | --- |")
         print("\n".join(probes))
 

@@ -25,3 +25,32 @@ def test_host_cost_runs_the_device_path_op_for_op():
     assert int(rows["device"]) == meta_ops
     assert int(rows["host"]) != meta_ops  # the CPU host path is a different sequence of ops
     assert 100 < meta_ops < 400
+
+
+def test_the_benchmarks_hand_captured_method_replays_the_eager_one():
+    """`--compile cuda-graph` (GPU only) wraps the benchmark's method in engine/graphed.py's cache; with the CPU
+    stand-in for the graphs, three steps agree with the eager method's losses, gradients and queue pointers."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import method_overhead as mo
+    from u2pl_scale.engine.graphed import RerunRecorder
+    from u2pl_scale.method.paths import device_path_on_cpu
+
+    results = {}
+    with device_path_on_cpu():
+        for name in ("eager", "graphed"):
+            inputs = mo.make_inputs(mo.HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=mo.HOST_COST_DIM,
+                                    contrastive=mo.HOST_COST_CONTRASTIVE)
+            forward = mo.graphed_forward(inputs, RerunRecorder) if name == "graphed" else mo.method_forward
+            steps = []
+            for step in range(3):
+                inputs["student_logits_u"].grad = inputs["rep"].grad = None
+                torch.manual_seed(step)
+                out = mo.method_step(inputs, 0.1 + 0.3 * step, forward=forward)
+                steps.append([out["unsup"].detach(), out["contra"].detach(), inputs["student_logits_u"].grad.clone(),
+                              inputs["rep"].grad.clone(), inputs["queues"].write_ptr.clone()])
+            results[name] = steps
+    for eager, graphed in zip(results["eager"], results["graphed"]):
+        for e, g in zip(eager, graphed):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)

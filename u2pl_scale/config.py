@@ -142,7 +142,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
-    # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds)
+    # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds);
+    # cuda-graph: no torch.compile, the eager method captured as two CUDA graphs by hand (CUDA, world size 1)
     compile_method_mode: str = "reduce-overhead"
     # torch.backends.cudnn.benchmark on a GPU: time each convolution's algorithms once per input shape and keep the
     # fastest (training crops have one shape; on by default, as in the published code)
@@ -176,7 +177,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-COMPILE_METHOD_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+# torch.compile's modes, and "cuda-graph": the eager method captured by hand as CUDA graphs (engine/graphed.py)
+COMPILE_METHOD_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graph")
 
 _CHOICES = {
     "train.compile_method_mode": COMPILE_METHOD_MODES,

@@ -154,6 +154,31 @@ def compiled_method_losses(mode: str):
     return torch.compile(method_losses, dynamic=False, mode=mode)
 
 
+@functools.cache
+def graphed_method_losses():
+    """method_losses captured by hand as CUDA graphs (train.compile_method_mode=cuda-graph), one capture per input
+    signature: see engine/graphed.py."""
+    from .graphed import GraphCache
+
+    return GraphCache(method_losses)
+
+
+def check_method_mode(train_cfg, device, world_size: int) -> None:
+    """At the start of training (cfg.train): train.compile_method_mode=cuda-graph needs a CUDA device and world
+    size 1 (the queues' all-gather is not captured)."""
+    from ..config import ConfigError
+
+    if not (train_cfg.compile_method and train_cfg.compile_method_mode == "cuda-graph"):
+        return
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ConfigError(f"train.compile_method_mode=cuda-graph needs a CUDA device, not {device.type}: "
+                          "use reduce-overhead (compiled on every device) or train.compile_method=false")
+    if world_size > 1:
+        raise ConfigError(f"train.compile_method_mode=cuda-graph runs at world size 1 only (this run has "
+                          f"{world_size} ranks; the queues' all-gather is not captured): use reduce-overhead")
+
+
 def uses_cuda_graphs(mode: str) -> bool:
     """Whether a torch.compile mode replays the compiled graph as CUDA graphs (on a CUDA device)."""
     return mode in ("reduce-overhead", "max-autotune")
@@ -173,18 +198,20 @@ def begin_graph_step(queues, mode: str) -> None:
 
 
 def method_runs_in_profile(prof) -> dict:
-    """How the method ran inside a finished torch.profiler run: `compiled` (calls of compiled regions),
-    `graph_launches` (CUDA graph replays) and `eager` (nodes of the eager contrastive loss, an autograd.Function
+    """How the method ran inside a finished torch.profiler run: `compiled` (calls of compiled regions), `captured`
+    (replays of the method captured by hand, train.compile_method_mode=cuda-graph), `graph_launches` (CUDA graph replays) and `eager` (nodes of the eager contrastive loss, an autograd.Function
     that compiled code inlines). A diagnostic: dynamo can fall back to eager silently (benchmarks/RESULTS.md)."""
     names = collections.Counter(event.name for event in prof.events())
     return {"compiled": sum(n for name, n in names.items() if name.startswith("Torch-Compiled Region")),
+            "captured": names["_Replay"],
             "graph_launches": names["cudaGraphLaunch"],
             "eager": names["_AnchorLoss"] + names["_AnchorLossBackward"]}
 
 
 def method_runs_in_graph(loss: torch.Tensor) -> dict:
     """How the method ran, read from the autograd graph behind `loss` before its backward, without a profiler:
-    `compiled` (backward nodes of compiled regions) and `eager` (backward nodes of the eager contrastive loss).
+    `compiled` (backward nodes of compiled regions), `captured` (of the method captured by hand as CUDA graphs,
+    train.compile_method_mode=cuda-graph) and `eager` (backward nodes of the eager contrastive loss).
     For benchmarks that must not profile CUDA between timed phases: a CUDA profile leaves CUPTI attached once
     inductor's CUDA graphs are in use (pytorch/pytorch#144455)."""
     names, seen, stack = collections.Counter(), set(), [loss.grad_fn]
@@ -195,7 +222,8 @@ def method_runs_in_graph(loss: torch.Tensor) -> dict:
         seen.add(node)
         names[node.name()] += 1
         stack.extend(child for child, _ in node.next_functions)
-    return {"compiled": names["CompiledFunctionBackward"], "eager": names["_AnchorLossBackward"]}
+    return {"compiled": names["CompiledFunctionBackward"], "captured": names["_ReplayBackward"],
+            "eager": names["_AnchorLossBackward"]}
 
 
 def progress_tensor(progress: float, device) -> torch.Tensor:
@@ -210,6 +238,9 @@ def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, l
     """method_losses, compiled when sc.compile_method."""
     if not sc.compile_method:
         return method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress, generator)
+    if sc.compile_method_mode == "cuda-graph":
+        return graphed_method_losses()(sc, (pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t), queues, progress,
+                                       generator)
     if generator is not None:
         raise ValueError("train.compile_method draws from torch's global RNG; it takes no generator")
     begin_graph_step(queues, sc.compile_method_mode)

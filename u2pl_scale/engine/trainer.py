@@ -29,7 +29,7 @@ from .hooks import TrainHooks
 from .optim import build_optimizer, build_scheduler
 from .outputs import RunOutputs, save_prediction_grid
 from .precision import DTYPES, autocast, configure_cudnn
-from .step import StepConfig, supervised_step, u2pl_step
+from .step import StepConfig, check_method_mode, supervised_step, u2pl_step
 
 
 def ensure_demo_data(cfg: Config) -> None:
@@ -90,6 +90,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     t_start = time.time()
     info = dist.init_distributed(cfg.train.device)
     rank, world, device = info.rank, info.world_size, info.device
+    check_method_mode(cfg.train, device, world)
     main = rank == 0
     if device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads or dist.cpu_threads_per_rank())

@@ -1,0 +1,120 @@
+"""train.compile_method_mode=cuda-graph (engine/graphed.py) without a GPU: the capture itself needs CUDA (tests/test_gpu.py
+runs it there); here the graphs are replaced by RerunRecorder, which runs the captured function again at each replay,
+so everything around them runs as on a GPU: the static input copies, undoing the warm-up's queue pushes and random
+draws, the autograd plumbing (gradients to the student's outputs), the cache of captures, and the start checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_compile_method import make_inputs, step_config
+from u2pl_scale.config import ConfigError, load_config
+from u2pl_scale.engine.graphed import GraphCache, RerunRecorder
+from u2pl_scale.engine.step import check_method_mode, method_losses, method_runs_in_graph, run_method_losses
+from u2pl_scale.method.paths import device_path_on_cpu
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def big_queues():
+    """Queues larger than one step's push (the test helper's small ones are overwritten whole by every push,
+    which would hide pushes that should not have happened), full, pointers mid-ring."""
+    from test_compile_method import CLASSES, DIM
+    from u2pl_scale.method.queues import ClassQueues
+
+    gen = torch.Generator().manual_seed(7)
+    queues = ClassQueues(CLASSES, DIM, [1200] + [1000] * (CLASSES - 1))
+    queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
+    queues.buffer[-1] = 0
+    queues.fill.copy_(queues.capacities)
+    queues.write_ptr.copy_((torch.rand(CLASSES, generator=gen) * queues.capacities).long())
+    return queues
+
+
+def _step(fn, seed: int, queues, progress: float):
+    """One method step on fresh inputs (seed) against the given queues; returns its results."""
+    pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, _ = make_inputs(seed, 0)
+    torch.manual_seed(100 + seed)
+    unsup, contra, reliable = fn((pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t), queues, progress)
+    runs = method_runs_in_graph(2.0 * unsup + 0.5 * contra)
+    (2.0 * unsup + 0.5 * contra).backward()
+    return dict(runs=runs, unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(), grad_pred=pred.grad,
+                grad_rep=rep.grad, buffer=queues.buffer[:-1].clone(), write_ptr=queues.write_ptr.clone(),
+                fill=queues.fill.clone())
+
+
+def test_replayed_method_equals_the_eager_method_step_by_step():
+    """Three steps with new inputs and progress each, the same seeds: losses, gradients (with loss weights, so the
+    backward's incoming gradients matter) and queues equal to the eager device path's, although capturing ran
+    the method twice more (warm-up) on the first step's inputs."""
+    sc = step_config()
+    cache = GraphCache(method_losses, recorder=RerunRecorder)
+    queues = {"eager": big_queues(), "graphed": big_queues()}
+    runs = {
+        "eager": lambda inputs, queues, progress: method_losses(sc, *inputs, queues, progress),
+        "graphed": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
+    }
+    pointers = queues["eager"].write_ptr.clone()
+    with device_path_on_cpu():
+        for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
+            results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
+            eager, graphed = results["eager"], results["graphed"]
+            for key in ("unsup", "contra", "reliable", "grad_pred", "grad_rep", "buffer"):
+                torch.testing.assert_close(graphed[key], eager[key], rtol=1e-6, atol=1e-7, msg=f"{seed}: {key}")
+            for key in ("write_ptr", "fill"):
+                assert torch.equal(graphed[key], eager[key]), f"{seed}: {key}"
+            assert eager["contra"] > 0 and eager["grad_rep"].abs().sum() > 0
+            assert not torch.equal(eager["write_ptr"], pointers), "nothing was pushed"
+            # what the step benchmark's probes read: the replayed method, not the eager one
+            assert graphed["runs"] == {"compiled": 0, "captured": 1, "eager": 0}, graphed["runs"]
+            assert eager["runs"] == {"compiled": 0, "captured": 0, "eager": 1}, eager["runs"]
+            pointers = eager["write_ptr"]
+    assert cache.captures == 1  # one input signature
+
+
+def test_a_new_input_signature_is_captured_anew_and_old_ones_are_kept():
+    sc = step_config()
+    cache = GraphCache(method_losses, recorder=RerunRecorder)
+    queues = make_inputs(0, 0)[-1]
+    with device_path_on_cpu():
+        for labeled, unlabeled in ((2, 2), (1, 2), (2, 2)):
+            pred, rep, *rest, _ = make_inputs(0, 0, num_labeled=labeled, num_unlabeled=unlabeled)
+            unsup, contra, _ = cache(sc, (pred, rep, *rest), queues, 0.3)
+            (unsup + contra).backward()
+            assert pred.grad.shape == pred.shape and rep.grad.shape == rep.shape
+    assert cache.captures == 2 and len(cache.graphs) == 2
+
+
+def test_the_replayed_outputs_are_copies_of_the_graphs_static_outputs():
+    """A CUDA graph's static outputs are overwritten at each replay: callers get copies (logging reads them
+    later), which share no memory with them."""
+    sc = step_config()
+    cache = GraphCache(method_losses, recorder=RerunRecorder)
+    queues = make_inputs(0, 0)[-1]
+    with device_path_on_cpu():
+        first = cache(sc, make_inputs(0, 0)[:7], queues, 0.2)
+        (graphed,) = cache.graphs.values()
+        static = graphed.forward_graph.out
+        assert all(t.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for t, s in zip(first, static))
+        kept = [t.clone() for t in first]
+        cache(sc, make_inputs(1, 0)[:7], queues, 0.2)
+    for t, k in zip(first, kept):
+        assert torch.equal(t, k)
+
+
+def test_cuda_graph_mode_takes_no_generator_and_is_refused_off_cuda_or_at_world_size_above_one():
+    sc = step_config()
+    sc.compile_method_mode = "cuda-graph"
+    with pytest.raises(ValueError, match="no generator"):
+        run_method_losses(sc, *make_inputs(0, 0), 0.5, generator=torch.Generator())
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["train.compile_method=true", "train.compile_method_mode=cuda-graph"])
+    with pytest.raises(ConfigError, match="needs a CUDA device, not cpu"):
+        check_method_mode(cfg.train, torch.device("cpu"), 1)
+    with pytest.raises(ConfigError, match="world size 1 only .*4 ranks"):
+        check_method_mode(cfg.train, torch.device("cuda"), 4)
+    check_method_mode(cfg.train, torch.device("cuda"), 1)
+    cfg.train.compile_method = False  # the mode alone changes nothing
+    check_method_mode(cfg.train, torch.device("cpu"), 4)

@@ -1,0 +1,183 @@
+"""train.compile_method_mode=cuda-graph: the method's eager device path captured by hand as two CUDA graphs.
+
+At the published 2 + 2 images per GPU the training step is bound by the host launching kernels, and the eager
+method issues ~175 small ones (benchmarks/RESULTS.md). torch.compile's reduce-overhead mode replays the method as
+CUDA graphs too, but through dynamo's guards, AOTAutograd's runtime wrappers and inductor's CUDA graph trees, and
+after compiling it the whole process ran slower on the lent H100 (RESULTS.md, stop 15; not yet explained). This
+mode has none of that: the eager code (static shapes, no host reads: the device path) is captured once per input
+signature, forward and backward each as one graph, the way torch.cuda.make_graphed_callables does it, and each
+step copies its inputs into the graphs' static inputs and replays them.
+
+- The queues are updated in place by the captured push: the graphs write the queue tensors at the addresses they
+  had at capture (the key of the cache below includes those addresses). Warm-up runs before the capture push
+  into the queues too, so the queues' state is saved before and restored after them; the RNG state as well, so
+  capturing does not shift the training's random draws.
+- Random draws (anchor and negative sampling) use torch's default CUDA generator, which a captured graph advances
+  at each replay: the same draws as the eager method from the same generator state.
+- Outputs are cloned (the static ones are overwritten by the next replay; callers keep the terms for logging);
+  the input gradients the backward replay returns are consumed by the student's backward of the same step.
+- One process per GPU with world size 1: the queues' all-gather (NCCL) is not captured (refused at start).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+MAX_SIGNATURES = 4  # captured input signatures kept (a new batch shape captures anew)
+WARMUP_STEPS = 2  # eager runs before the capture (lazy inits, Triton's JIT, cached constants), undone after
+
+
+class CudaRecorder:
+    """Captures a function into a CUDA graph once and replays it; the outputs are the capture's static tensors."""
+
+    def __init__(self, pool):
+        self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
+        self.out = None
+
+    def capture(self, fn: Callable):
+        # thread_local: the data loader's pin-memory thread may call CUDA while this thread captures
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+            self.out = fn()
+
+    def replay(self):
+        self.graph.replay()
+        return self.out
+
+
+class RerunRecorder:
+    """The test double of CudaRecorder where no GPU is (CPU tests): capture only remembers the function and each
+    replay runs it again on the same static inputs, so everything around the graphs (static input copies, queue
+    and RNG restore after warm-up, the autograd plumbing, the cache) runs as on a GPU."""
+
+    def __init__(self, pool=None):
+        self.fn = None
+        self.out = None
+
+    def capture(self, fn: Callable):
+        self.fn = fn
+
+    def replay(self):
+        with torch.enable_grad():  # called from inside an autograd.Function's forward, where grad mode is off
+            self.out = self.fn()
+        return self.out
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class GraphedMethod:
+    """method_losses(sc, inputs..., queues, progress) for one input signature, as a forward and a backward graph
+    over static inputs. `method(sc, *inputs, queues, progress_tensor)` must be capturable (the device path) and
+    return (unsup, contra, reliable ratio); the first two inputs (the student's logits and features) get
+    gradients."""
+
+    def __init__(self, method: Callable, sc, queues, example: tuple, recorder=CudaRecorder):
+        device = example[0].device
+        self.static = [t.detach().clone() for t in example]
+        self.static[0].requires_grad_()
+        self.static[1].requires_grad_()
+        self.progress = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_outputs = [torch.zeros((), device=device), torch.zeros((), device=device)]
+        leaves = (self.static[0], self.static[1])
+
+        def forward():
+            return method(sc, *self.static, queues, self.progress)
+
+        def input_grads(outputs):
+            unsup, contra, _ = outputs
+            grads = torch.autograd.grad((unsup, contra), leaves, grad_outputs=self.grad_outputs, allow_unused=True)
+            return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))
+
+        # warm-up: lazy initialisations and constants cached by the method happen outside the capture; its pushes
+        # into the queues (saved in a copy of the queues' tensors meanwhile) and its random draws are undone
+        saved = {name: t.clone() for name, t in queues.state_dict().items()}
+        rng = _rng_state(device)
+        on_cuda = device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        side = torch.cuda.Stream(device) if on_cuda else None
+        with torch.cuda.stream(side) if on_cuda else contextlib.nullcontext():
+            for _ in range(WARMUP_STEPS):
+                input_grads(forward())
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        for name, t in queues.state_dict().items():
+            t.copy_(saved[name])
+        _set_rng_state(rng, device)
+
+        pool = torch.cuda.graph_pool_handle() if on_cuda else None
+        self.forward_graph, self.backward_graph = recorder(pool), recorder(pool)
+        try:
+            self.forward_graph.capture(forward)
+            self.backward_graph.capture(lambda: input_grads(self.forward_graph.out))
+        except RuntimeError as err:
+            raise RuntimeError("train.compile_method_mode=cuda-graph: the method could not be captured as a CUDA "
+                               f"graph ({err}); use train.compile_method_mode=reduce-overhead or eager") from err
+
+    def replay_forward(self, progress, inputs) -> tuple:
+        for static, new in zip(self.static, inputs):
+            static.detach().copy_(new)
+        self.progress.fill_(progress)
+        unsup, contra, reliable = self.forward_graph.replay()
+        return unsup.detach().clone(), contra.detach().clone(), reliable.detach().clone()
+
+    def replay_backward(self, grad_unsup, grad_contra) -> tuple:
+        self.grad_outputs[0].copy_(grad_unsup)
+        self.grad_outputs[1].copy_(grad_contra)
+        return tuple(g.detach() for g in self.backward_graph.replay())
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graphed: GraphedMethod, progress: float, *inputs):
+        ctx.graphed, ctx.num_inputs = graphed, len(inputs)
+        unsup, contra, reliable = graphed.replay_forward(progress, inputs)
+        ctx.mark_non_differentiable(reliable)
+        return unsup, contra, reliable
+
+    @staticmethod
+    def backward(ctx, grad_unsup, grad_contra, _grad_reliable):
+        grad_pred, grad_rep = ctx.graphed.replay_backward(grad_unsup, grad_contra)
+        return (None, None, grad_pred, grad_rep) + (None,) * (ctx.num_inputs - 2)
+
+
+def _signature(sc, inputs: tuple, queues) -> tuple:
+    return (repr(sc), tuple((t.shape, t.dtype, t.stride(), t.device) for t in inputs),
+            tuple(t.data_ptr() for t in queues.state_dict().values()))
+
+
+class GraphCache:
+    """One GraphedMethod per input signature (config, shapes, dtypes, strides, queue addresses), the oldest
+    dropped past MAX_SIGNATURES (its graphs and memory pool with it)."""
+
+    def __init__(self, method: Callable, recorder=CudaRecorder):
+        self.method = method
+        self.recorder = recorder
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.captures = 0
+
+    def __call__(self, sc, inputs: tuple, queues, progress: float, generator: Optional[torch.Generator] = None):
+        if generator is not None:
+            raise ValueError("train.compile_method_mode=cuda-graph draws from torch's default generator; "
+                             "it takes no generator")
+        key = _signature(sc, inputs, queues)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            graphed = GraphedMethod(self.method, sc, queues, inputs, self.recorder)
+            self.captures += 1
+            self.graphs[key] = graphed
+            while len(self.graphs) > MAX_SIGNATURES:
+                self.graphs.popitem(last=False)
+        return _Replay.apply(graphed, progress, *inputs)
