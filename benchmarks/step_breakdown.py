@@ -330,9 +330,30 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def host_probe():
+        """Two host costs of this process, beside the model-only step: microseconds per launch of a tiny op (the
+        launch path: dispatch, autograd off, the CUDA launch call) and per iteration of a pure-Python loop
+        (the interpreter alone). Timed at the same two points: if the process slows after compiling, these say
+        whether launches or Python got slower."""
+        tiny = torch.zeros(1, device=device)
+        sync(device)
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(2000):
+                tiny.add_(1.0)
+            launch_us = (time.perf_counter() - start) / 2000 * 1e6
+        sync(device)
+        table = {}
+        start = time.perf_counter()
+        for i in range(200_000):
+            table[i & 255] = i
+        python_us = (time.perf_counter() - start) / 200_000 * 1e6
+        return launch_us, python_us
+
     for _ in range(args.warmup):
         real_step_without_method()
     model_only_before = model_only_median()
+    host_before = host_probe()
 
     # sync counting (GPU): warnings from set_sync_debug_mode during the real steps
     for _ in range(args.warmup):
@@ -394,6 +415,7 @@ def main() -> None:
 
     probe("breakdown steps")
     model_only_after = model_only_median()
+    host_after = host_probe()
 
     # model FLOPs of one real step (teacher forwards + student forward/backward + method), counted by torch, last,
     # and with the method eager: dynamo skips a compiled function called under a dispatch mode such as
@@ -436,6 +458,10 @@ def main() -> None:
     print(f"| step without the method work, before any step with it (first timed phase) | "
           f"{1000 * model_only_before:.1f} | |")
     print(f"| step without the method work, after the breakdown steps | {1000 * model_only_after:.1f} | |")
+    print(f"| host: us per tiny-op launch, before / after (as the two rows above) | "
+          f"{host_before[0]:.2f} / {host_after[0]:.2f} | |")
+    print(f"| host: us per pure-Python loop iteration, before / after | "
+          f"{host_before[1]:.3f} / {host_after[1]:.3f} | |")
     print()
     print("| metric | value |")
     print("| --- | --- |")
