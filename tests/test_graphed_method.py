@@ -118,3 +118,30 @@ def test_cuda_graph_mode_takes_no_generator_and_is_refused_off_cuda_or_at_world_
     check_method_mode(cfg.train, torch.device("cuda"), 1)
     cfg.train.compile_method = False  # the mode alone changes nothing
     check_method_mode(cfg.train, torch.device("cpu"), 4)
+
+
+def test_the_captures_belong_to_their_queues_and_go_with_them():
+    """run_method_losses keeps the captures on the queues they write: another set of queues gets its own, and
+    dropping the queues frees their captures (graphs and memory pools on a GPU)."""
+    import gc
+    import weakref
+
+    from u2pl_scale.engine import graphed as graphed_module
+    from u2pl_scale.engine.step import graphed_method_losses
+
+    sc = step_config()
+    sc.compile_method_mode = "cuda-graph"
+    first, second = big_queues(), big_queues()
+    for queues in (first, second):  # the CPU stand-in for the graphs, as run_method_losses would build the cache
+        queues.__dict__["graph_cache"] = graphed_module.GraphCache(method_losses, recorder=RerunRecorder)
+    with device_path_on_cpu():
+        for queues in (first, second, first):
+            unsup, contra, _ = run_method_losses(sc, *make_inputs(0, 0)[:7], queues, 0.3)
+            (unsup + contra).backward()
+    assert graphed_method_losses(first) is not graphed_method_losses(second)
+    assert graphed_method_losses(first).captures == 1 and graphed_method_losses(second).captures == 1
+    (captured,) = graphed_method_losses(first).graphs.values()
+    gone = weakref.ref(captured)
+    del first, queues, captured, unsup, contra
+    gc.collect()
+    assert gone() is None

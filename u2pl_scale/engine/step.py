@@ -154,13 +154,16 @@ def compiled_method_losses(mode: str):
     return torch.compile(method_losses, dynamic=False, mode=mode)
 
 
-@functools.cache
-def graphed_method_losses():
+def graphed_method_losses(queues):
     """method_losses captured by hand as CUDA graphs (train.compile_method_mode=cuda-graph), one capture per input
-    signature: see engine/graphed.py."""
+    signature: see engine/graphed.py. The captures belong to the queues they update (an attribute of theirs), so
+    they and their memory pools go when the queues go (a process that trains twice keeps no stale graphs)."""
     from .graphed import GraphCache
 
-    return GraphCache(method_losses)
+    cache = queues.__dict__.get("graph_cache")
+    if cache is None:
+        cache = queues.__dict__["graph_cache"] = GraphCache(method_losses)
+    return cache
 
 
 def check_method_mode(train_cfg, device, world_size: int) -> None:
@@ -239,7 +242,7 @@ def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, l
     if not sc.compile_method:
         return method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress, generator)
     if sc.compile_method_mode == "cuda-graph":
-        return graphed_method_losses()(sc, (pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t), queues, progress,
+        return graphed_method_losses(queues)(sc, (pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t), queues, progress,
                                        generator)
     if generator is not None:
         raise ValueError("train.compile_method draws from torch's global RNG; it takes no generator")
