@@ -184,7 +184,7 @@ def main() -> None:
         overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
     cfg = load_config(args.config, overrides)
-    check_method_mode(cfg.train, device, 1)
+    check_method_mode(cfg.train, device)
     sc = StepConfig.from_config(cfg)
     num_classes = cfg.data.num_classes
     torch.manual_seed(0)

@@ -143,7 +143,7 @@ class TrainConfig:
     compile: bool = False
     compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
     # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds);
-    # cuda-graph: no torch.compile, the eager method captured as two CUDA graphs by hand (CUDA, world size 1)
+    # cuda-graph: no torch.compile, the eager method captured as CUDA graphs by hand (CUDA only)
     compile_method_mode: str = "reduce-overhead"
     # torch.backends.cudnn.benchmark on a GPU: time each convolution's algorithms once per input shape and keep the
     # fastest (training crops have one shape; on by default, as in the published code)

@@ -204,6 +204,11 @@ def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
+    return all_gather_into(out, tensor, group)
+
+
+def all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """`all_gather_cat` into a given `out` [world * rows, ...] (a fixed buffer, e.g. a CUDA graph's input)."""
     gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.1x
     gather_into(out, tensor.contiguous(), group=group)
     return out

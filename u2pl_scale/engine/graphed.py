@@ -16,15 +16,20 @@ step copies its inputs into the graphs' static inputs and replays them.
   at each replay: the same draws as the eager method from the same generator state.
 - Outputs are cloned (the static ones are overwritten by the next replay; callers keep the terms for logging);
   the input gradients the backward replay returns are consumed by the student's backward of the same step.
-- One process per GPU with world size 1: the queues' all-gather (NCCL) is not captured (refused at start).
+- At world size > 1 the queues' all-gather stays out of the graphs: the forward is two graphs (everything before
+  the push, which needs no gradients, and the push with the rest) with the eager all-gather between them into a
+  fixed buffer the second graph reads.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from ..dist import all_gather_into, get_world_size
 
 MAX_SIGNATURES = 4  # captured input signatures kept (a new batch shape captures anew)
 WARMUP_STEPS = 2  # eager runs before the capture (lazy inits, Triton's JIT, cached constants), undone after
@@ -77,28 +82,61 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.set_rng_state(state)
 
 
+@dataclass
+class MethodParts:
+    """The method in two parts around the queues' all-gather (world size > 1): `before(sc, *inputs, queues,
+    progress)` -> (unsup, reliable ratio, ContrastivePrepared) and `after(sc, rep, prepared, queues)` -> contra."""
+    before: Callable
+    after: Callable
+
+
 class GraphedMethod:
     """method_losses(sc, inputs..., queues, progress) for one input signature, as a forward and a backward graph
     over static inputs. `method(sc, *inputs, queues, progress_tensor)` must be capturable (the device path) and
     return (unsup, contra, reliable ratio); the first two inputs (the student's logits and features) get
-    gradients."""
+    gradients. With `parts` and `world` > 1 the forward is two graphs, `parts.before` with the packing of the push
+    rows and the push with `parts.after`, and between them the eager all-gather of the packed rows into a fixed
+    buffer (collectives are left out of the graphs); one backward graph still covers both."""
 
-    def __init__(self, method: Callable, sc, queues, example: tuple, recorder=CudaRecorder):
+    def __init__(self, method: Callable, sc, queues, example: tuple, recorder=CudaRecorder,
+                 parts: Optional[MethodParts] = None, world: int = 1):
         device = example[0].device
         self.static = [t.detach().clone() for t in example]
         self.static[0].requires_grad_()
         self.static[1].requires_grad_()
         self.progress = torch.zeros((), dtype=torch.float64, device=device)
         self.grad_outputs = [torch.zeros((), device=device), torch.zeros((), device=device)]
+        self.split = parts is not None and world > 1
+        self.world, self.out_a, self.gathered = world, None, None
         leaves = (self.static[0], self.static[1])
 
-        def forward():
-            return method(sc, *self.static, queues, self.progress)
+        if not self.split:
+            stages = [lambda: method(sc, *self.static, queues, self.progress)]
+        else:
+            def before():
+                unsup, reliable, prepared = parts.before(sc, *self.static, queues, self.progress)
+                return unsup, reliable, prepared, queues.pack(prepared.push_rows, prepared.push_mask)
+
+            def after():  # reads the first graph's outputs and the gathered rows (fixed addresses on a GPU)
+                queues.push_packed(self.gathered)
+                return parts.after(sc, self.static[1], self.out_a[2], queues)
+
+            stages = [before, after]
 
         def input_grads(outputs):
             unsup, contra, _ = outputs
             grads = torch.autograd.grad((unsup, contra), leaves, grad_outputs=self.grad_outputs, allow_unused=True)
             return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))
+
+        def run_stages(run):
+            """Each stage through `run(i, stage)`, the gather after the first when split; the losses."""
+            outs = []
+            for i, stage in enumerate(stages):
+                outs.append(run(i, stage))
+                if self.split and i == 0:
+                    self.out_a = outs[0]
+                    self._gather()
+            return self._losses(outs)
 
         # warm-up: lazy initialisations and constants cached by the method happen outside the capture; its pushes
         # into the queues (saved in a copy of the queues' tensors meanwhile) and its random draws are undone
@@ -110,7 +148,7 @@ class GraphedMethod:
         side = torch.cuda.Stream(device) if on_cuda else None
         with torch.cuda.stream(side) if on_cuda else contextlib.nullcontext():
             for _ in range(WARMUP_STEPS):
-                input_grads(forward())
+                input_grads(run_stages(lambda i, stage: stage()))
         if on_cuda:
             torch.cuda.synchronize(device)
         for name, t in queues.state_dict().items():
@@ -118,19 +156,38 @@ class GraphedMethod:
         _set_rng_state(rng, device)
 
         pool = torch.cuda.graph_pool_handle() if on_cuda else None
-        self.forward_graph, self.backward_graph = recorder(pool), recorder(pool)
+        self.stages = [recorder(pool) for _ in stages]
+        self.backward_graph = recorder(pool)
         try:
-            self.forward_graph.capture(forward)
-            self.backward_graph.capture(lambda: input_grads(self.forward_graph.out))
+            for i, (graph, stage) in enumerate(zip(self.stages, stages)):
+                graph.capture(stage)
+                if self.split and i == 0:
+                    self.out_a = graph.out  # the static outputs the second graph reads (None for the CPU stand-in)
+            self.backward_graph.capture(lambda: input_grads(self._losses([graph.out for graph in self.stages])))
         except RuntimeError as err:
             raise RuntimeError("train.compile_method_mode=cuda-graph: the method could not be captured as a CUDA "
                                f"graph ({err}); use train.compile_method_mode=reduce-overhead or eager") from err
+        self._run_stages = run_stages
+
+    def _losses(self, outs: list) -> tuple:
+        """(unsup, contra, reliable ratio) from the stages' outputs."""
+        if not self.split:
+            return outs[0]
+        (unsup, reliable, _, _), contra = outs
+        return unsup, contra, reliable
+
+    def _gather(self) -> None:
+        """Every rank's packed push rows into the fixed `gathered` buffer, in rank order (eager: one collective)."""
+        packed = self.out_a[3]
+        if self.gathered is None:
+            self.gathered = packed.new_empty((self.world * packed.shape[0], packed.shape[1]))
+        all_gather_into(self.gathered, packed)
 
     def replay_forward(self, progress, inputs) -> tuple:
         for static, new in zip(self.static, inputs):
             static.detach().copy_(new)
         self.progress.fill_(progress)
-        unsup, contra, reliable = self.forward_graph.replay()
+        unsup, contra, reliable = self._run_stages(lambda i, stage: self.stages[i].replay())
         return unsup.detach().clone(), contra.detach().clone(), reliable.detach().clone()
 
     def replay_backward(self, grad_unsup, grad_contra) -> tuple:
@@ -162,9 +219,10 @@ class GraphCache:
     """One GraphedMethod per input signature (config, shapes, dtypes, strides, queue addresses), the oldest
     dropped past MAX_SIGNATURES (its graphs and memory pool with it)."""
 
-    def __init__(self, method: Callable, recorder=CudaRecorder):
+    def __init__(self, method: Callable, recorder=CudaRecorder, parts: Optional[MethodParts] = None):
         self.method = method
         self.recorder = recorder
+        self.parts = parts
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.captures = 0
 
@@ -175,7 +233,9 @@ class GraphCache:
         key = _signature(sc, inputs, queues)
         graphed = self.graphs.get(key)
         if graphed is None:
-            graphed = GraphedMethod(self.method, sc, queues, inputs, self.recorder)
+            # split around the queues' all-gather only where there is one (and a push: the contrastive loss on)
+            world = get_world_size() if getattr(sc, "contra_enabled", False) else 1
+            graphed = GraphedMethod(self.method, sc, queues, inputs, self.recorder, self.parts, world)
             self.captures += 1
             self.graphs[key] = graphed
             while len(self.graphs) > MAX_SIGNATURES:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..method.contrastive import contrastive_inputs, contrastive_loss
+from ..method.contrastive import contrastive_finish, contrastive_inputs, contrastive_prepare, push_prepared
 from ..method.color import random_hue
 from ..method.cutmix import cutmix, cutmix_flag
 from ..method.losses import ohem_ce, unsup_loss_from_reliable
@@ -124,24 +124,42 @@ def teacher_targets(teacher, x_all, num_labeled: int, autocast_ctx):
 def method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress: float,
                   generator=None):
     """Step 7: reliable pseudo-labels and entropy masks from one on-device sort, the unsupervised loss (spec §4)
-    and the contrastive loss with unreliable pixels as negatives, queues updated (spec §6)."""
+    and the contrastive loss with unreliable pixels as negatives, queues updated (spec §6). In three parts:
+    `method_before_push`, the push of this step's negatives to the queues every rank shares (one collective),
+    `method_after_push` (train.compile_method_mode=cuda-graph captures the first and last apart at world size > 1)."""
+    unsup, reliable, prepared = method_before_push(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
+                                                   progress)
+    if prepared is not None:
+        push_prepared(prepared, queues)
+    return unsup, method_after_push(sc, rep, prepared, queues, generator), reliable
+
+
+def method_before_push(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress):
+    """method_losses up to the queue push: (unsup, reliable ratio, the contrastive part's ContrastivePrepared or
+    None without the contrastive loss)."""
     b_l = y_l.shape[0]
     ignore = sc.ignore_index
     rel = reliability(logits_u_t, pseudo_u, drop_percent(progress, sc.drop_percent_start),
                       alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
     unsup = unsup_loss_from_reliable(upsample(pred[b_l:], y_l.shape[-2:]), rel.reliable_labels, rel.kept_count,
                                      ignore_index=ignore)
+    prepared = None
     if sc.contra_enabled:
         labels_small, low_small, high_small = contrastive_inputs(
             y_l, pseudo_u, rel.low_mask, rel.high_mask, rep.shape[-2:], ignore_index=ignore)
-        contra = contrastive_loss(
-            rep, rep_t, prob_t, labels_small, low_small, high_small, b_l, queues,
+        prepared = contrastive_prepare(
+            rep_t, prob_t, labels_small, low_small, high_small, b_l, queues.dtype,
             anchor_threshold=sc.anchor_threshold, negative_threshold=sc.negative_threshold, low_rank=sc.low_rank,
-            high_rank=sc.high_rank, num_anchors=sc.num_anchors, num_negatives=sc.num_negatives,
-            temperature=sc.temperature, generator=generator).loss
-    else:
-        contra = 0.0 * rep.sum()
-    return unsup, contra, rel.reliable_ratio
+            high_rank=sc.high_rank)
+    return unsup, rel.reliable_ratio, prepared
+
+
+def method_after_push(sc: StepConfig, rep, prepared, queues, generator=None):
+    """method_losses after the queue push: the contrastive loss (0, attached to rep, without it)."""
+    if prepared is None:
+        return 0.0 * rep.sum()
+    return contrastive_finish(rep, prepared, queues, num_anchors=sc.num_anchors, num_negatives=sc.num_negatives,
+                              temperature=sc.temperature, generator=generator).loss
 
 
 @functools.cache
@@ -158,17 +176,17 @@ def graphed_method_losses(queues):
     """method_losses captured by hand as CUDA graphs (train.compile_method_mode=cuda-graph), one capture per input
     signature: see engine/graphed.py. The captures belong to the queues they update (an attribute of theirs), so
     they and their memory pools go when the queues go (a process that trains twice keeps no stale graphs)."""
-    from .graphed import GraphCache
+    from .graphed import GraphCache, MethodParts
 
     cache = queues.__dict__.get("graph_cache")
     if cache is None:
-        cache = queues.__dict__["graph_cache"] = GraphCache(method_losses)
+        cache = queues.__dict__["graph_cache"] = GraphCache(
+            method_losses, parts=MethodParts(method_before_push, method_after_push))
     return cache
 
 
-def check_method_mode(train_cfg, device, world_size: int) -> None:
-    """At the start of training (cfg.train): train.compile_method_mode=cuda-graph needs a CUDA device and world
-    size 1 (the queues' all-gather is not captured)."""
+def check_method_mode(train_cfg, device) -> None:
+    """At the start of training (cfg.train): train.compile_method_mode=cuda-graph needs a CUDA device."""
     from ..config import ConfigError
 
     if not (train_cfg.compile_method and train_cfg.compile_method_mode == "cuda-graph"):
@@ -177,9 +195,6 @@ def check_method_mode(train_cfg, device, world_size: int) -> None:
     if device.type != "cuda":
         raise ConfigError(f"train.compile_method_mode=cuda-graph needs a CUDA device, not {device.type}: "
                           "use reduce-overhead (compiled on every device) or train.compile_method=false")
-    if world_size > 1:
-        raise ConfigError(f"train.compile_method_mode=cuda-graph runs at world size 1 only (this run has "
-                          f"{world_size} ranks; the queues' all-gather is not captured): use reduce-overhead")
 
 
 def uses_cuda_graphs(mode: str) -> bool:

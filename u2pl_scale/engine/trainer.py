@@ -90,7 +90,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     t_start = time.time()
     info = dist.init_distributed(cfg.train.device)
     rank, world, device = info.rank, info.world_size, info.device
-    check_method_mode(cfg.train, device, world)
+    check_method_mode(cfg.train, device)
     main = rank == 0
     if device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads or dist.cpu_threads_per_rank())

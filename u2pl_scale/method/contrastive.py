@@ -413,6 +413,96 @@ class _AnchorLoss(torch.autograd.Function):
         return grad * grad_output, None, None, None, None, None
 
 
+@dataclass
+class ContrastivePrepared:
+    """What the contrastive loss computes before the queue push, all without gradients: the pixels' classes, the
+    prototype sums and counts, and the rows the push takes (unit teacher features, their class mask [P, C])."""
+    pixel: _PixelClasses
+    prototype_sums: torch.Tensor
+    prototype_counts: torch.Tensor
+    class_present: torch.Tensor
+    num_present: torch.Tensor
+    push_rows: torch.Tensor
+    push_mask: torch.Tensor
+
+
+def contrastive_prepare(
+    rep_teacher: torch.Tensor,
+    prob_teacher: torch.Tensor,
+    labels: torch.Tensor,
+    low_mask: torch.Tensor,
+    high_mask: torch.Tensor,
+    num_labeled: int,
+    queue_dtype: torch.dtype,
+    *,
+    anchor_threshold: float = 0.3,
+    negative_threshold: float = 1.0,
+    low_rank: int = 3,
+    high_rank: int = 20,
+) -> ContrastivePrepared:
+    """The part of `contrastive_loss` before the queue push (see there)."""
+    batch, dim = rep_teacher.shape[:2]
+    num_classes = prob_teacher.shape[1]
+    with fp32_region(rep_teacher.device), torch.no_grad():
+        pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
+                               negative_threshold, low_rank, high_rank)
+        teacher = rep_teacher.detach().float()
+        rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
+        # prototypes: mean teacher feature per class over its low-entropy pixels
+        if host_path(teacher.device):
+            pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
+            sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
+            sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
+        else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images; the same
+            # one-hot gives the counts
+            one_hot = _label_mask(pixel.prototype_label, batch, num_classes)
+            pixels_per_class = one_hot.sum((0, 2))
+            sums = torch.bmm(one_hot.float(), teacher.flatten(2).transpose(1, 2)).sum(0)
+        class_present = pixels_per_class > 0
+        unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
+        negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
+        return ContrastivePrepared(pixel, sums, pixels_per_class, class_present, class_present.sum(),
+                                   unit_rows.to(queue_dtype), negative_pc)
+
+
+def push_prepared(prepared: ContrastivePrepared, queues: ClassQueues, group=None) -> None:
+    """Between `contrastive_prepare` and `contrastive_finish`: the negatives of every class go to the shared queues
+    before sampling (one collective)."""
+    with fp32_region(prepared.push_rows.device), torch.no_grad():
+        queues.push_distributed(prepared.push_rows, prepared.push_mask, group=group)
+
+
+def contrastive_finish(
+    rep: torch.Tensor,
+    prepared: ContrastivePrepared,
+    queues: ClassQueues,
+    *,
+    num_anchors: int = 256,
+    num_negatives: int = 50,
+    temperature: float = 0.5,
+    generator: Optional[torch.Generator] = None,
+) -> ContrastiveOutput:
+    """The part of `contrastive_loss` after the queue push (see there): sampling and the anchors' loss."""
+    dim = rep.shape[1]
+    num_classes = prepared.prototype_sums.shape[0]
+    pixel, class_present, num_present = prepared.pixel, prepared.class_present, prepared.num_present
+    with fp32_region(rep.device), torch.no_grad():
+        anchor_index, anchor_count = sample_anchor_index_from_labels(pixel.anchor_label, num_classes, num_anchors,
+                                                                     generator)
+        negative_index, queue_nonempty = queues.sample_indices(num_anchors * num_negatives, generator=generator)
+        class_used = class_present & (anchor_count > 0) & queue_nonempty
+        prototypes_unit = F.normalize(prepared.prototype_sums, dim=1)  # the mean's direction
+        # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
+        # present (still attached to rep through the clamped anchor gather)
+        class_weight = (class_used & (num_present >= 2)) / (num_present * num_anchors).clamp(min=1)
+
+    with fp32_region(rep.device):
+        anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)
+        loss = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature, class_weight)
+    return ContrastiveOutput(loss, anchor_index, negative_index, class_present, class_used, num_present,
+                             prepared.prototype_sums, prepared.prototype_counts)
+
+
 def contrastive_loss(
     rep: torch.Tensor,
     rep_teacher: torch.Tensor,
@@ -438,43 +528,12 @@ def contrastive_loss(
     rep [N, D, h, w] student features (grad), rep_teacher [N, D, h, w], prob_teacher [N, C, h, w] teacher softmax,
     labels [N, h, w] (true labels for the first `num_labeled` images, pseudo-labels after; ignore 255),
     low_mask / high_mask [N, h, w] bool (see contrastive_inputs). Channels-last features avoid copies.
+    In three parts: `contrastive_prepare` (no gradients), the push of its rows to the shared queues (one
+    collective), `contrastive_finish` (train.compile_method_mode=cuda-graph captures the first and last apart).
     """
-    batch, dim, height, width = rep.shape
-    num_classes = prob_teacher.shape[1]
-    with fp32_region(rep.device), torch.no_grad():
-        pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
-                               negative_threshold, low_rank, high_rank)
-        teacher = rep_teacher.detach().float()
-        rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
-        # prototypes: mean teacher feature per class over its low-entropy pixels
-        if host_path(teacher.device):
-            pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
-            sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
-            sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
-        else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images; the same
-            # one-hot gives the counts
-            one_hot = _label_mask(pixel.prototype_label, batch, num_classes)
-            pixels_per_class = one_hot.sum((0, 2))
-            sums = torch.bmm(one_hot.float(), teacher.flatten(2).transpose(1, 2)).sum(0)
-        class_present = pixels_per_class > 0
-        num_present = class_present.sum()
-
-        # negatives of every class go to the shared queues before sampling (one collective)
-        unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
-        negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
-        queues.push_distributed(unit_rows.to(queues.dtype), negative_pc, group=group)
-
-        anchor_index, anchor_count = sample_anchor_index_from_labels(pixel.anchor_label, num_classes, num_anchors,
-                                                                     generator)
-        negative_index, queue_nonempty = queues.sample_indices(num_anchors * num_negatives, generator=generator)
-        class_used = class_present & (anchor_count > 0) & queue_nonempty
-        prototypes_unit = F.normalize(sums, dim=1)  # the mean's direction
-        # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
-        # present (still attached to rep through the clamped anchor gather)
-        class_weight = (class_used & (num_present >= 2)) / (num_present * num_anchors).clamp(min=1)
-
-    with fp32_region(rep.device):
-        anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)
-        loss = _AnchorLoss.apply(anchors, prototypes_unit, queues.buffer, negative_index, temperature, class_weight)
-    return ContrastiveOutput(loss, anchor_index, negative_index, class_present, class_used, num_present, sums,
-                             pixels_per_class)
+    prepared = contrastive_prepare(rep_teacher, prob_teacher, labels, low_mask, high_mask, num_labeled, queues.dtype,
+                                   anchor_threshold=anchor_threshold, negative_threshold=negative_threshold,
+                                   low_rank=low_rank, high_rank=high_rank)
+    push_prepared(prepared, queues, group)
+    return contrastive_finish(rep, prepared, queues, num_anchors=num_anchors, num_negatives=num_negatives,
+                              temperature=temperature, generator=generator)

@@ -160,9 +160,18 @@ class ClassQueues:
         if world_size == 1:
             self.push(features, class_mask, max_pairs=max_pairs)
             return
+        everything = all_gather_cat(self.pack(features, class_mask), group=group)  # rank order
+        self.push_packed(everything, max_pairs=max_pairs)
+
+    @torch.no_grad()
+    def pack(self, features: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
+        """[P, dim + C]: what each rank sends in `push_distributed`, the class mask as extra columns."""
         wire_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
-        packed = torch.cat([features.to(wire_dtype), class_mask.to(wire_dtype)], dim=1).contiguous()
-        everything = all_gather_cat(packed, group=group)  # rank order
+        return torch.cat([features.to(wire_dtype), class_mask.to(wire_dtype)], dim=1).contiguous()
+
+    @torch.no_grad()
+    def push_packed(self, everything: torch.Tensor, max_pairs: Optional[int] = None) -> None:
+        """Push rows packed by `pack` (every rank's, in rank order)."""
         self.push(everything[:, : self.dim], everything[:, self.dim :] > 0.5, max_pairs=max_pairs)
 
     # ---------------------------------------------------------------- sample
