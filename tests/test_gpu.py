@@ -147,6 +147,49 @@ def test_method_captured_by_hand_replays_the_eager_method():
             torch.testing.assert_close(graph[key], eager[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
 
 
+def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eager_method():
+    """The world-size > 1 form of compile_method_mode=cuda-graph (two forward graphs, the queues' gather eager
+    between them, one backward graph) on one GPU, with a gather that plays a second rank sending the same rows:
+    equal to the eager method pushing the same rows over three steps; replays do not synchronise with the host."""
+    from test_compile_method import make_inputs, step_config
+    from test_graphed_method import big_queues, eager_with_duplicated_push, split_parts
+    from u2pl_scale.engine.graphed import GraphCache
+    from u2pl_scale.engine.step import method_losses
+
+    sc = step_config()
+    cache = GraphCache(method_losses, parts=split_parts(), world=2)
+    runs = {"graph": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
+            "eager": eager_with_duplicated_push(sc)}
+    queues = {}
+    for name in runs:
+        queues[name] = ClassQueues(big_queues().num_classes, big_queues().dim, big_queues().capacity_list,
+                                   device="cuda")
+        queues[name].load_state_dict({k: v.cuda() for k, v in big_queues().state_dict().items()})
+    for step, progress in enumerate((0.1, 0.5, 0.9)):
+        inputs = [t.cuda() for t in make_inputs(step, 0)[:7]]
+        results = {}
+        for name, run in runs.items():
+            pred = inputs[0].detach().clone().requires_grad_()
+            rep = inputs[1].detach().clone().requires_grad_()
+            torch.manual_seed(100 + step)
+            if step > 0 and name == "graph":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                unsup, contra, reliable = run((pred, rep, *inputs[2:]), queues[name], progress)
+                (2.0 * unsup + 0.5 * contra).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            results[name] = dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(),
+                                 grad_pred=pred.grad, grad_rep=rep.grad, buffer=queues[name].buffer.clone(),
+                                 write_ptr=queues[name].write_ptr.clone(), fill=queues[name].fill.clone())
+        for key in ("unsup", "reliable", "grad_pred", "write_ptr", "fill", "contra", "grad_rep", "buffer"):
+            torch.testing.assert_close(results["graph"][key], results["eager"][key], rtol=1e-5, atol=1e-6,
+                                       msg=f"step {step}: {key}")
+    (graphed,) = cache.graphs.values()
+    assert graphed.split and len(graphed.stages) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_compiled, method_compiled, method_mode",
                          [(False, False, "reduce-overhead"), (False, True, "cuda-graph"),

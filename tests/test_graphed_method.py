@@ -33,6 +33,13 @@ def big_queues():
     return queues
 
 
+def assert_same_step(eager: dict, graphed: dict, step) -> None:
+    for key in ("unsup", "contra", "reliable", "grad_pred", "grad_rep", "buffer"):
+        torch.testing.assert_close(graphed[key], eager[key], rtol=1e-6, atol=1e-7, msg=f"{step}: {key}")
+    for key in ("write_ptr", "fill"):
+        assert torch.equal(graphed[key], eager[key]), f"{step}: {key}"
+
+
 def _step(fn, seed: int, queues, progress: float):
     """One method step on fresh inputs (seed) against the given queues; returns its results."""
     pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, _ = make_inputs(seed, 0)
@@ -61,10 +68,7 @@ def test_replayed_method_equals_the_eager_method_step_by_step():
         for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
             results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
             eager, graphed = results["eager"], results["graphed"]
-            for key in ("unsup", "contra", "reliable", "grad_pred", "grad_rep", "buffer"):
-                torch.testing.assert_close(graphed[key], eager[key], rtol=1e-6, atol=1e-7, msg=f"{seed}: {key}")
-            for key in ("write_ptr", "fill"):
-                assert torch.equal(graphed[key], eager[key]), f"{seed}: {key}"
+            assert_same_step(eager, graphed, seed)
             assert eager["contra"] > 0 and eager["grad_rep"].abs().sum() > 0
             assert not torch.equal(eager["write_ptr"], pointers), "nothing was pushed"
             # what the step benchmark's probes read: the replayed method, not the eager one
@@ -163,11 +167,7 @@ def test_at_world_size_two_the_graphed_method_splits_around_the_all_gather_and_e
     for rank in ranks:
         assert rank[-1] == {"split": True, "stages": 2}
         for step, results in enumerate(rank[:-1]):
-            eager, graphed = results["eager"], results["graphed"]
-            for key in ("unsup", "contra", "reliable", "grad_pred", "grad_rep", "buffer"):
-                torch.testing.assert_close(graphed[key], eager[key], rtol=1e-6, atol=1e-7, msg=f"{step}: {key}")
-            for key in ("write_ptr", "fill"):
-                assert torch.equal(graphed[key], eager[key]), f"{step}: {key}"
+            assert_same_step(results["eager"], results["graphed"], step)
     for key in ("buffer", "write_ptr", "fill"):
         assert torch.equal(ranks[0][-2]["graphed"][key], ranks[1][-2]["graphed"][key]), key
     assert not torch.equal(ranks[0][-2]["graphed"]["grad_rep"], ranks[1][-2]["graphed"]["grad_rep"])
@@ -198,3 +198,47 @@ def test_the_captures_belong_to_their_queues_and_go_with_them():
     del first, queues, captured, unsup, contra
     gc.collect()
     assert gone() is None
+
+
+def duplicate_rows(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """A two-rank all-gather in one process: the other rank sent the same rows."""
+    out[: packed.shape[0]].copy_(packed)
+    out[packed.shape[0]:].copy_(packed)
+    return out
+
+
+def split_parts():
+    from u2pl_scale.engine.graphed import MethodParts
+    from u2pl_scale.engine.step import method_after_push, method_before_push
+
+    return MethodParts(method_before_push, method_after_push, gather=duplicate_rows)
+
+
+def eager_with_duplicated_push(sc):
+    """The eager method as it runs at world size 2 when the other rank sends the same rows."""
+    from u2pl_scale.engine.step import method_after_push, method_before_push
+
+    def run(inputs, queues, progress):
+        unsup, reliable, prepared = method_before_push(sc, *inputs, queues, progress)
+        packed = queues.pack(prepared.push_rows, prepared.push_mask)
+        queues.push_packed(torch.cat([packed, packed]))
+        return unsup, method_after_push(sc, inputs[1], prepared, queues), reliable
+
+    return run
+
+
+def test_the_two_graph_split_in_one_process_equals_the_eager_method_with_the_same_gather():
+    """The world-size > 1 form (two captures, the gather between them) in one process, with a gather that plays
+    a second rank sending the same rows: equal to the eager method pushing the same rows, step by step (the GPU
+    test runs this with real CUDA graphs on one GPU)."""
+    sc = step_config()
+    cache = GraphCache(method_losses, recorder=RerunRecorder, parts=split_parts(), world=2)
+    queues = {"eager": big_queues(), "graphed": big_queues()}
+    runs = {"eager": eager_with_duplicated_push(sc),
+            "graphed": lambda inputs, queues, progress: cache(sc, inputs, queues, progress)}
+    with device_path_on_cpu():
+        for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
+            results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
+            assert_same_step(results["eager"], results["graphed"], seed)
+    (graphed,) = cache.graphs.values()
+    assert graphed.split and len(graphed.stages) == 2

@@ -85,9 +85,11 @@ def _set_rng_state(state, device: torch.device) -> None:
 @dataclass
 class MethodParts:
     """The method in two parts around the queues' all-gather (world size > 1): `before(sc, *inputs, queues,
-    progress)` -> (unsup, reliable ratio, ContrastivePrepared) and `after(sc, rep, prepared, queues)` -> contra."""
+    progress)` -> (unsup, reliable ratio, ContrastivePrepared) and `after(sc, rep, prepared, queues)` -> contra;
+    `gather(out, packed)` fills `out` with every rank's packed rows in rank order (tests swap in their own)."""
     before: Callable
     after: Callable
+    gather: Callable = all_gather_into
 
 
 class GraphedMethod:
@@ -107,7 +109,7 @@ class GraphedMethod:
         self.progress = torch.zeros((), dtype=torch.float64, device=device)
         self.grad_outputs = [torch.zeros((), device=device), torch.zeros((), device=device)]
         self.split = parts is not None and world > 1
-        self.world, self.out_a, self.gathered = world, None, None
+        self.parts, self.world, self.out_a, self.gathered = parts, world, None, None
         leaves = (self.static[0], self.static[1])
 
         if not self.split:
@@ -181,7 +183,7 @@ class GraphedMethod:
         packed = self.out_a[3]
         if self.gathered is None:
             self.gathered = packed.new_empty((self.world * packed.shape[0], packed.shape[1]))
-        all_gather_into(self.gathered, packed)
+        self.parts.gather(self.gathered, packed)
 
     def replay_forward(self, progress, inputs) -> tuple:
         for static, new in zip(self.static, inputs):
@@ -219,10 +221,12 @@ class GraphCache:
     """One GraphedMethod per input signature (config, shapes, dtypes, strides, queue addresses), the oldest
     dropped past MAX_SIGNATURES (its graphs and memory pool with it)."""
 
-    def __init__(self, method: Callable, recorder=CudaRecorder, parts: Optional[MethodParts] = None):
+    def __init__(self, method: Callable, recorder=CudaRecorder, parts: Optional[MethodParts] = None,
+                 world: Optional[int] = None):
         self.method = method
         self.recorder = recorder
         self.parts = parts
+        self.world = world  # None: the process group's
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.captures = 0
 
@@ -234,7 +238,7 @@ class GraphCache:
         graphed = self.graphs.get(key)
         if graphed is None:
             # split around the queues' all-gather only where there is one (and a push: the contrastive loss on)
-            world = get_world_size() if getattr(sc, "contra_enabled", False) else 1
+            world = (self.world or get_world_size()) if getattr(sc, "contra_enabled", False) else 1
             graphed = GraphedMethod(self.method, sc, queues, inputs, self.recorder, self.parts, world)
             self.captures += 1
             self.graphs[key] = graphed
