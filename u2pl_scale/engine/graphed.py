@@ -130,16 +130,6 @@ class GraphedMethod:
             grads = torch.autograd.grad((unsup, contra), leaves, grad_outputs=self.grad_outputs, allow_unused=True)
             return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves))
 
-        def run_stages(run):
-            """Each stage through `run(i, stage)`, the gather after the first when split; the losses."""
-            outs = []
-            for i, stage in enumerate(stages):
-                outs.append(run(i, stage))
-                if self.split and i == 0:
-                    self.out_a = outs[0]
-                    self._gather()
-            return self._losses(outs)
-
         # warm-up: lazy initialisations and constants cached by the method happen outside the capture; its pushes
         # into the queues (saved in a copy of the queues' tensors meanwhile) and its random draws are undone
         saved = {name: t.clone() for name, t in queues.state_dict().items()}
@@ -150,7 +140,7 @@ class GraphedMethod:
         side = torch.cuda.Stream(device) if on_cuda else None
         with torch.cuda.stream(side) if on_cuda else contextlib.nullcontext():
             for _ in range(WARMUP_STEPS):
-                input_grads(run_stages(lambda i, stage: stage()))
+                input_grads(self._run_stages(len(stages), lambda i: stages[i]()))
         if on_cuda:
             torch.cuda.synchronize(device)
         for name, t in queues.state_dict().items():
@@ -169,7 +159,17 @@ class GraphedMethod:
         except RuntimeError as err:
             raise RuntimeError("train.compile_method_mode=cuda-graph: the method could not be captured as a CUDA "
                                f"graph ({err}); use train.compile_method_mode=reduce-overhead or eager") from err
-        self._run_stages = run_stages
+
+    def _run_stages(self, count: int, run: Callable) -> tuple:
+        """Stage i's outputs from `run(i)` for each of the `count` stages, the gather after the first when split;
+        the losses."""
+        outs = []
+        for i in range(count):
+            outs.append(run(i))
+            if self.split and i == 0:
+                self.out_a = outs[0]
+                self._gather()
+        return self._losses(outs)
 
     def _losses(self, outs: list) -> tuple:
         """(unsup, contra, reliable ratio) from the stages' outputs."""
@@ -189,7 +189,7 @@ class GraphedMethod:
         for static, new in zip(self.static, inputs):
             static.detach().copy_(new)
         self.progress.fill_(progress)
-        unsup, contra, reliable = self._run_stages(lambda i, stage: self.stages[i].replay())
+        unsup, contra, reliable = self._run_stages(len(self.stages), lambda i: self.stages[i].replay())
         return unsup.detach().clone(), contra.detach().clone(), reliable.detach().clone()
 
     def replay_backward(self, grad_unsup, grad_contra) -> tuple:

@@ -217,8 +217,9 @@ def begin_graph_step(queues, mode: str) -> None:
 
 def method_runs_in_profile(prof) -> dict:
     """How the method ran inside a finished torch.profiler run: `compiled` (calls of compiled regions), `captured`
-    (replays of the method captured by hand, train.compile_method_mode=cuda-graph), `graph_launches` (CUDA graph replays) and `eager` (nodes of the eager contrastive loss, an autograd.Function
-    that compiled code inlines). A diagnostic: dynamo can fall back to eager silently (benchmarks/RESULTS.md)."""
+    (replays of the method captured by hand, train.compile_method_mode=cuda-graph), `graph_launches` (CUDA graph
+    replays) and `eager` (nodes of the eager contrastive loss, an autograd.Function that compiled code inlines).
+    A diagnostic: dynamo can fall back to eager silently (benchmarks/RESULTS.md)."""
     names = collections.Counter(event.name for event in prof.events())
     return {"compiled": sum(n for name, n in names.items() if name.startswith("Torch-Compiled Region")),
             "captured": names["_Replay"],
@@ -257,8 +258,8 @@ def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, l
     if not sc.compile_method:
         return method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, progress, generator)
     if sc.compile_method_mode == "cuda-graph":
-        return graphed_method_losses(queues)(sc, (pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t), queues, progress,
-                                       generator)
+        inputs = (pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t)
+        return graphed_method_losses(queues)(sc, inputs, queues, progress, generator)
     if generator is not None:
         raise ValueError("train.compile_method draws from torch's global RNG; it takes no generator")
     begin_graph_step(queues, sc.compile_method_mode)

@@ -435,12 +435,12 @@ def contrastive_prepare(
     num_labeled: int,
     queue_dtype: torch.dtype,
     *,
-    anchor_threshold: float = 0.3,
-    negative_threshold: float = 1.0,
-    low_rank: int = 3,
-    high_rank: int = 20,
+    anchor_threshold: float,
+    negative_threshold: float,
+    low_rank: int,
+    high_rank: int,
 ) -> ContrastivePrepared:
-    """The part of `contrastive_loss` before the queue push (see there)."""
+    """The part of `contrastive_loss` before the queue push (see there, and its defaults)."""
     batch, dim = rep_teacher.shape[:2]
     num_classes = prob_teacher.shape[1]
     with fp32_region(rep_teacher.device), torch.no_grad():
@@ -477,12 +477,13 @@ def contrastive_finish(
     prepared: ContrastivePrepared,
     queues: ClassQueues,
     *,
-    num_anchors: int = 256,
-    num_negatives: int = 50,
-    temperature: float = 0.5,
-    generator: Optional[torch.Generator] = None,
+    num_anchors: int,
+    num_negatives: int,
+    temperature: float,
+    generator: Optional[torch.Generator],
 ) -> ContrastiveOutput:
-    """The part of `contrastive_loss` after the queue push (see there): sampling and the anchors' loss."""
+    """The part of `contrastive_loss` after the queue push (see there, and its defaults): sampling and the anchors'
+    loss."""
     dim = rep.shape[1]
     num_classes = prepared.prototype_sums.shape[0]
     pixel, class_present, num_present = prepared.pixel, prepared.class_present, prepared.num_present
