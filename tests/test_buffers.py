@@ -58,3 +58,21 @@ def test_gather_gradient_is_the_dense_scatter_on_every_step():
         grads.append(features.grad)
     # gradients of earlier steps that are still held were not changed by later steps
     assert not torch.equal(grads[0], grads[1])
+
+
+def test_uniform_below_never_reaches_n_even_for_the_largest_draw():
+    """floor(u * n) for the largest float64 torch.rand value, 1 - 2**-53, stays below n for every n < 2**53 tried
+    (all n up to 2**20, powers of two and their neighbours, random large n); in fp32 the same product rounds up."""
+    from u2pl_scale.method.buffers import uniform_below
+
+    largest = torch.tensor([1 - 2.0 ** -53], dtype=torch.float64)
+    powers = torch.tensor([2 ** k for k in range(1, 53)], dtype=torch.long)
+    n = torch.cat([torch.arange(0, 1 << 20), powers - 1, powers, powers + 1,
+                   torch.randint(1, 2 ** 52, (1 << 18,), generator=torch.Generator().manual_seed(0))])
+    drawn = uniform_below(largest, n)
+    assert torch.equal(drawn, (n - 1).clamp(min=0))  # the top of the range, never n
+    assert torch.equal(uniform_below(torch.zeros(1, dtype=torch.float64), n), torch.zeros_like(n))
+    assert ((largest.float() * n[1:1000].float()).long() == n[1:1000]).any()  # why fp32 would not do
+    # an ordinary draw: the floor of the product
+    u = torch.rand(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(uniform_below(u, torch.tensor(37)), torch.floor(u * 37).long())

@@ -94,3 +94,25 @@ def test_a_failing_triton_launch_warns_once_and_falls_back_to_index_copy(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         copy_rows_(dst, dst_index, src, src_index, count)  # no second warning, no second try
+
+
+def test_index_copy_path_writes_the_padding_to_the_spare_row_only():
+    """With spare_row, the padded entries (from `count` on) may name any row, a real one included: the index_copy_
+    path redirects them to the spare row, so only the first `count` entries and the spare row change. An eager call
+    bumps dst's version counter, as the in-place custom op does."""
+    g = torch.Generator().manual_seed(2)
+    dst = torch.randn(10, 4, generator=g)
+    src = torch.randn(6, 4, generator=g)
+    dst_index = torch.tensor([7, 2, 0, 0, 0])  # 2 real entries; padding names row 0, a real row
+    src_index = torch.tensor([5, 1, 0, 0, 0])
+    expected = dst.clone()
+    expected[7], expected[2] = src[5], src[1]
+    for fn in (copy_rows_, torch.compile(copy_rows_, dynamic=False)):
+        out = dst.clone()
+        version = out._version
+        fn(out, dst_index, src, src_index, torch.tensor(2), spare_row=9)
+        torch.testing.assert_close(out[:9], expected[:9], rtol=0, atol=0)
+        assert out._version > version
+    out = dst.clone()
+    copy_rows_(out, dst_index, src, src_index, torch.tensor(2))  # without a spare row the padding lands on row 0
+    assert torch.equal(out[0], src[0])

@@ -80,3 +80,12 @@ def constant_arange(size: int, device: torch.device, descending: bool = False) -
     launch."""
     with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
         return torch.arange(size - 1, -1, -1, device=device) if descending else torch.arange(size, device=device)
+
+
+def uniform_below(uniform: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """floor(u * n) as int64 for float64 u in [0, 1) (torch.rand) and integer n >= 0: a uniform draw from 0 .. n - 1
+    (0 where n = 0). No clamp to n - 1 is needed: the largest u, 1 - 2**-53, times an integer n < 2**53 rounds to a
+    double below n (the product's distance to n, n * 2**-53, is more than half the spacing of doubles below n, or
+    exactly that spacing when n is a power of two), and rounding is monotone in u. (In fp32 it would round up.)
+    One multiply and one conversion: truncation is floor for a product >= 0."""
+    return (uniform * count).long()

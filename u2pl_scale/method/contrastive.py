@@ -24,8 +24,8 @@ Differences from the published code, on purpose:
   fp32 except, when the queue is created with dtype=torch.bfloat16 (half the memory traffic), the dot products
   with the sampled negatives, which then run in bf16 with fp32 accumulation.
 - Ties in the teacher's ranking rank the lower class index first (a stable descending sort); the published topk
-  left them unspecified. On the device path the ranks come from one stable sort of each pixel's classes (two
-  kernels); on CPU from k rounds of a max over the fp32 values (a 21-long sort or topk per pixel is several times
+  left them unspecified. On the device path one stable sort of each pixel's classes orders them, and the
+  negatives' rank window is scattered through that order (_rank_window); on CPU from k rounds of a max over the fp32 values (a 21-long sort or topk per pixel is several times
   slower there), where only pixels with a tie at the k-th value are redone from (value bits, class index) keys.
 
 How it is computed (same values as the batched [N, C, hw]-mask formulation, measured several times cheaper on CPU):
@@ -40,13 +40,14 @@ How it is computed (same values as the batched [N, C, hw]-mask formulation, meas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .buffers import constant_arange, reusable_empty, scatter_rows
+from .buffers import constant_arange, reusable_empty, scatter_rows, uniform_below
 from .paths import host_path
 from .queues import ClassQueues
 from .reliability import _order_keys, cpu_single_thread, downsample_nearest
@@ -71,13 +72,13 @@ class ContrastiveOutput:
     class_used: torch.Tensor  # [C] bool: present, with anchors and a non-empty queue
     num_present: torch.Tensor  # 0-dim long
     prototype_sums: torch.Tensor  # [C, D] fp32 sum of the teacher features of each class's prototype pixels
-    prototype_counts: torch.Tensor  # [C] long: how many
+    prototype_counts: torch.Tensor  # [C] fp32 (whole numbers): how many
 
     @property
     def prototypes(self) -> torch.Tensor:
         """[C, D] fp32 mean teacher feature (0 for absent classes). The loss only needs their directions, which the
         sums have: the division is left to whoever reads this."""
-        return self.prototype_sums / self.prototype_counts.clamp(min=1)[:, None].float()
+        return self.prototype_sums / self.prototype_counts.clamp(min=1)[:, None]
 
 
 def contrastive_inputs(
@@ -95,9 +96,8 @@ def contrastive_inputs(
     """
     valid_l = labels_l != ignore_index
     labels = downsample_nearest(torch.cat([labels_l.long(), pseudo_u.long()]), feature_size)
-    low = downsample_nearest(torch.cat([valid_l, low_u.bool()]), feature_size)
-    high = downsample_nearest(torch.cat([valid_l, high_u.bool()]), feature_size)
-    return labels, low, high
+    masks = downsample_nearest(torch.cat([valid_l, low_u.bool(), valid_l, high_u.bool()]), feature_size)
+    return labels, *masks.chunk(2)  # low, high: one concatenation and one gather for both
 
 
 def _rank_keys(prob: torch.Tensor) -> torch.Tensor:
@@ -148,12 +148,32 @@ def _value_top_mask(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor
     return mask
 
 
-def _class_ranks(prob: torch.Tensor) -> torch.Tensor:
-    """[N, C, hw] -> int64 rank of each class within its pixel, 0 for the largest value; ties rank the lower class
-    first (a stable descending sort), as `_top_mask(_rank_keys(prob), ...)` orders them."""
+@functools.lru_cache(maxsize=64)
+def _window_table(batch: int, num_classes: int, num_labeled: int, low_rank: int, high_rank: int,
+                  device: torch.device) -> torch.Tensor:
+    """[N, C, 1] bool: whether the class at position j of an image's descending order is a negative candidate's
+    rank: j < low_rank in the labeled images, low_rank <= j < high_rank in the unlabeled ones. Built once per
+    setting and device (a constant of the step, read only)."""
+    with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
+        position = torch.arange(num_classes, device=device)[None, :, None]
+        labeled = (torch.arange(batch, device=device) < num_labeled)[:, None, None]
+        return torch.where(labeled, position < low_rank, (position >= low_rank) & (position < high_rank))
+
+
+def _rank_window(prob: torch.Tensor, label_or_none: torch.Tensor, num_labeled: int, low_rank: int,
+                 high_rank: int) -> torch.Tensor:
+    """Device path: [N, C, hw] bool, True where class c's rank in its pixel (0 for the largest value, ties to the
+    lower class: a stable descending sort) is in the negatives' window, and c is not a labeled pixel's label. Three
+    kernels: the sort, one scatter of the window table through the sorted order, and one scatter that clears the
+    labeled pixels' own class (`label_or_none` = C, no class, lands in a spare row)."""
+    batch, num_classes, pixels = prob.shape
     order = torch.sort(prob, dim=1, descending=True, stable=True).indices
-    positions = constant_arange(prob.shape[1], prob.device)[None, :, None].expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    table = _window_table(batch, num_classes, num_labeled, low_rank, high_rank, prob.device)
+    window = torch.empty(batch, num_classes + 1, pixels, dtype=torch.bool, device=prob.device)
+    window[:, :num_classes].scatter_(1, order, table.expand(batch, num_classes, pixels))
+    if num_labeled > 0:
+        window[:num_labeled].scatter_(1, label_or_none[:num_labeled, None, :], False)
+    return window[:, :num_classes]
 
 
 @dataclass
@@ -176,48 +196,41 @@ def _pixel_classes(
 ) -> _PixelClasses:
     """The masks of the module docstring in compact form: a pixel is a prototype / anchor pixel of at most one
     class (its label), so those are per-pixel labels; only the negatives need a per-class mask, built class-major
-    (what the queue push consumes) without one-hot label tensors."""
+    (what the queue push consumes) without one-hot label tensors. Labels are class ids in [0, C) or an ignore
+    value >= C (the config requires data.ignore_index >= data.num_classes)."""
     batch, num_classes, height, width = prob_teacher.shape
     prob = prob_teacher.float().reshape(batch, num_classes, height * width)
     labels = labels.reshape(batch, -1).long()
     low = low_mask.reshape(batch, -1).bool()
     high = high_mask.reshape(batch, -1).bool()
 
-    in_range = (labels >= 0) & (labels < num_classes)
-    prototype_pixel = low & in_range
-    prototype_label = torch.where(prototype_pixel, labels, num_classes)
-    q_label = prob.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
-    anchor_label = torch.where(prototype_pixel & (q_label > anchor_threshold), labels, num_classes)
-
-    if host_path(prob.device):  # CPU: rounds of max over the values (_value_top_mask)
-        def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
-            return _value_top_mask(prob[images], k, largest)
-    else:  # one stable sort of each pixel's classes gives every rank: two kernels where rounds of max take ~17
-        ranks = _class_ranks(prob)
-
-        def rank_mask(images: slice, k: int, largest: bool) -> torch.Tensor:
-            return ranks[images] < k if largest else ranks[images] >= num_classes - k
-
-    top_low = rank_mask(slice(None), min(low_rank, num_classes), largest=True)
+    label_or_none = labels.clamp(max=num_classes)  # C: ignored, no class
+    prototype_label = torch.where(low, label_or_none, num_classes)
+    q_label = prob.gather(1, label_or_none.clamp(max=num_classes - 1)[:, None])[:, 0]  # any class where none
+    anchor_label = torch.where(q_label > anchor_threshold, prototype_label, num_classes)
     candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
-    classes = constant_arange(num_classes, prob.device)[None, :, None]
-    if torch.compiler.is_compiling():  # one traceable expression (out= into a transposed view is not traceable)
-        window = ~top_low
-        if high_rank < num_classes:
-            window = window & ~rank_mask(slice(None), num_classes - high_rank, largest=False)
-        labeled = (constant_arange(batch, prob.device) < num_labeled)[:, None, None]
-        chosen = torch.where(labeled, top_low & (labels[:, None, :] != classes), window)
-        negative = (candidate & chosen).transpose(0, 1).contiguous()
+
+    if not host_path(prob.device):  # one stable sort of each pixel's classes gives every rank
+        window = _rank_window(prob, label_or_none, num_labeled, low_rank, high_rank)
+        if torch.compiler.is_compiling():  # one traceable expression (out= into a transposed view is not traceable)
+            negative = (candidate & window).transpose(0, 1).contiguous()
+        else:  # written through an [N, C, hw] view: no transpose copy
+            negative = torch.empty(num_classes, batch, height * width, dtype=torch.bool, device=prob.device)
+            torch.logical_and(candidate, window, out=negative.transpose(0, 1))
         return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
+
+    # CPU: rounds of max over the values (_value_top_mask), where a 21-long sort per pixel is several times slower
+    top_low = _value_top_mask(prob, min(low_rank, num_classes), largest=True)
     negative = torch.empty(num_classes, batch, height * width, dtype=torch.bool, device=prob.device)
     negative_nc = negative.transpose(0, 1)  # written through an [N, C, hw] view: no transpose copy
     if num_labeled > 0:  # labeled: among the top low_rank, but not the true label
+        classes = constant_arange(num_classes, prob.device)[None, :, None]
         not_label = labels[:num_labeled, None, :] != classes
         torch.logical_and(candidate[:num_labeled] & top_low[:num_labeled], not_label, out=negative_nc[:num_labeled])
     if num_labeled < batch:  # unlabeled: ranked in [low_rank, high_rank)
         window = ~top_low[num_labeled:]
         if high_rank < num_classes:
-            window &= ~rank_mask(slice(num_labeled, None), num_classes - high_rank, largest=False)
+            window &= ~_value_top_mask(prob[num_labeled:], num_classes - high_rank, largest=False)
         torch.logical_and(candidate[num_labeled:], window, out=negative_nc[num_labeled:])
     return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
 
@@ -330,19 +343,33 @@ def sample_anchor_index_from_labels(
     pick the same pixels (the k-th candidate of class c in pixel order), via a stable sort instead of a [C, P]
     running count. A class without candidates gets some valid pixel index (its class is not used)."""
     count = _count_per_class(anchor_label, num_classes)
-    order = torch.sort(anchor_label, stable=True).indices  # pixels grouped by class, in pixel order
-    end = torch.cumsum(count, 0)
-    start = end - count
-    last = (end - 1).clamp(min=0)  # position in `order` of the class's last candidate (any one if it has none)
+    # pixels grouped by class, in pixel order; on 8-bit keys (the labels are 0 .. C), a radix sort takes one pass
+    # over the digits where int64 keys take eight (measured 5x faster on CPU too)
+    keys = anchor_label.to(torch.uint8 if num_classes < 256 else torch.int32)
+    order = torch.sort(keys, stable=True).indices
+    start = torch.cumsum(count, 0).sub_(count)  # position in `order` of the class's first candidate
     uniform = torch.rand(num_classes, num_anchors, generator=generator, device=anchor_label.device,
                          dtype=torch.float64)
-    wanted = (uniform * count[:, None]).long()  # truncation is floor: the product is >= 0
-    return order[torch.minimum(start[:, None] + wanted, last[:, None])], count  # u * n may round up to n
+    # floor(u * n) <= n - 1: see uniform_below. The clamp only keeps a class without candidates (whose anchors are
+    # not used) inside `order`.
+    position = uniform_below(uniform, count[:, None]).add_(start[:, None]).clamp_(max=anchor_label.numel() - 1)
+    return order[position], count
 
 
 # bytes of gathered negatives per chunk: a few MB keeps a chunk in cache on CPU; one chunk on accelerators
 _CPU_CHUNK_BYTES = 16 << 20
 _DEVICE_CHUNK_BYTES = 512 << 20
+
+
+def _bmm_into(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+    """out[...] = left @ right for a strided view `out` of a larger fp32 tensor: one op (bmm with out=) on an
+    accelerator in eager fp32, where a bmm and a copy would be two; a copy where the product has another dtype
+    (bf16 queues), is traced (dynamo does not trace a non-contiguous out=) or takes the CPU host path (CPU's bmm
+    into a strided out loops over the batch: measured 2.5x slower than bmm and copy at the VOC shapes)."""
+    if out.dtype == left.dtype and not host_path(out.device) and not torch.compiler.is_compiling():
+        torch.bmm(left, right, out=out)
+    else:
+        out.copy_(torch.bmm(left, right))
 
 
 class _AnchorLoss(torch.autograd.Function):
@@ -365,18 +392,20 @@ class _AnchorLoss(torch.autograd.Function):
         index = index.reshape(rows, -1)
         num_negatives = index.shape[1]
         device = anchors.device
-        inverse_norm = _inverse_norm(anchors)  # [C, A, 1]
-        unit = anchors * inverse_norm  # [C, A, D]
-        scaled = unit.reshape(rows, dim) * (1.0 / temperature)  # logits = scaled . key
-        logits = torch.empty(rows, num_negatives + 1, dtype=torch.float32, device=device)
-        logits[:, 0] = torch.bmm(scaled.view(num_classes, num_anchors, dim), prototypes[:, :, None]).view(rows)
+        # logits = scaled . key with scaled = u / T = a / (T max(|a|, 1e-12))
+        denom = torch.linalg.vector_norm(anchors, dim=-1, keepdim=True).clamp_min_(1e-12).mul_(temperature)
+        scaled = torch.div(anchors, denom).view(rows, 1, dim)
+        logits = torch.empty(rows, 1, num_negatives + 1, dtype=torch.float32, device=device)
+        _bmm_into(scaled.view(num_classes, num_anchors, dim), prototypes[:, :, None],
+                  logits.view(num_classes, num_anchors, num_negatives + 1)[:, :, :1])
         # A bf16/fp16 queue halves the gather's memory traffic. On accelerators the dot products then run in that
         # dtype (fp32 accumulation); on CPU, where batched bf16 matrix-vector products are slow, each gathered
         # chunk is widened to fp32 while it is in cache.
         widen = device.type == "cpu" and buffer.dtype != torch.float32
         compute_dtype = torch.float32 if widen else buffer.dtype
-        scaled = scaled.to(compute_dtype)[:, None, :]  # [M, 1, D]
+        scaled_keys = scaled.to(compute_dtype)  # [M, 1, D]
         grad = torch.empty(rows, 1, dim, dtype=compute_dtype, device=device)  # sum_k p_k negative_k
+        positive = torch.empty(rows, 1, 1, dtype=torch.float32, device=device)  # p_0 - 1
         chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
         chunk = max(1, min(rows, chunk_bytes // (num_negatives * dim * buffer.element_size())))
         scratch = reusable_empty("negatives", (chunk * num_negatives, dim), buffer.dtype, device)
@@ -391,21 +420,23 @@ class _AnchorLoss(torch.autograd.Function):
                 if widen:
                     negatives = wide[: size * num_negatives].copy_(negatives)
                 negatives = negatives.view(size, num_negatives, dim)
-                dots = torch.bmm(scaled[begin:end], negatives.transpose(1, 2))[:, 0]  # [size, K]
-                block = logits[begin:end]
-                block[:, 1:] = dots
-                prob = torch.softmax(block, dim=1)[:, None, 1:]
-                torch.bmm(prob.to(compute_dtype), negatives, out=grad[begin:end])
-        per_anchor = (torch.logsumexp(logits, dim=1) - logits[:, 0]).view(num_classes, num_anchors)
-        p_positive = torch.exp(-per_anchor)[:, :, None]  # softmax probability of the positive
+                block = logits[begin:end]  # [size, 1, 1 + K]
+                _bmm_into(scaled_keys[begin:end], negatives.transpose(1, 2), block[:, :, 1:])
+                log_prob = torch.log_softmax(block, dim=2, out=block)  # in place: the logits are not needed again
+                prob = torch.exp(log_prob)
+                torch.sub(prob[:, :, :1], 1.0, out=positive[begin:end])
+                torch.bmm(prob[:, :, 1:].to(compute_dtype), negatives, out=grad[begin:end])
+        # CE_a = -log p_0 (log_softmax, where a logsumexp is some nine kernels on CUDA)
+        log_positive = logits[:, 0, 0].view(num_classes, num_anchors)
         grad = grad.float().view(num_classes, num_anchors, dim)
-        grad.addcmul_(p_positive - 1.0, prototypes[:, None, :])  # g = (dCE / du) x T
-        # d loss / d anchor = weight_c / T * (g - u (u . g)) / |a|
-        along = torch.bmm(unit.view(rows, 1, dim), grad.view(rows, dim, 1)).view(num_classes, num_anchors, 1)
-        grad.addcmul_(unit, along, value=-1.0)
-        grad *= inverse_norm.mul_(weight[:, None, None] * (1.0 / temperature))
+        grad.addcmul_(positive.view(num_classes, num_anchors, 1), prototypes[:, None, :])  # g = (dCE / du) x T
+        # d loss / d anchor = weight_c / T * (g - u (u . g)) / |a|, where u (u . g) = T^2 scaled (scaled . g)
+        scaled = scaled.view(num_classes, num_anchors, dim)
+        along = torch.bmm(scaled.view(rows, 1, dim), grad.view(rows, dim, 1)).view(num_classes, num_anchors, 1)
+        grad.addcmul_(scaled, along, value=-temperature * temperature)
+        grad *= weight[:, None, None] / denom
         ctx.save_for_backward(grad)
-        return (per_anchor * weight[:, None]).sum()
+        return (log_positive * weight[:, None]).sum().neg()
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -441,7 +472,7 @@ def contrastive_prepare(
     high_rank: int,
 ) -> ContrastivePrepared:
     """The part of `contrastive_loss` before the queue push (see there, and its defaults)."""
-    batch, dim = rep_teacher.shape[:2]
+    dim = rep_teacher.shape[1]
     num_classes = prob_teacher.shape[1]
     with fp32_region(rep_teacher.device), torch.no_grad():
         pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
@@ -450,16 +481,24 @@ def contrastive_prepare(
         rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
         # prototypes: mean teacher feature per class over its low-entropy pixels
         if host_path(teacher.device):
-            pixels_per_class = _count_per_class(pixel.prototype_label, num_classes)
+            pixels_per_class = _count_per_class(pixel.prototype_label, num_classes).float()
             sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
             sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
-        else:  # deterministic (no atomics): per-image one-hot [C, hw] @ [hw, D], summed over images; the same
-            # one-hot gives the counts
-            one_hot = _label_mask(pixel.prototype_label, batch, num_classes)
-            pixels_per_class = one_hot.sum((0, 2))
-            sums = torch.bmm(one_hot.float(), teacher.flatten(2).transpose(1, 2)).sum(0)
+        else:  # deterministic (no atomics): one-hot [C, P] @ rows [P, D]; the comparison writes the one-hot as
+            # fp32 (out=), whose row sums are the counts
+            one_hot = torch.empty(num_classes, pixel.prototype_label.numel(), dtype=torch.float32,
+                                  device=teacher.device)
+            torch.eq(pixel.prototype_label[None, :], constant_arange(num_classes, teacher.device)[:, None],
+                     out=one_hot)
+            pixels_per_class = one_hot.sum(1)
+            sums = torch.mm(one_hot, rows)
         class_present = pixels_per_class > 0
-        unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
+        push_rows = reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device)
+        if host_path(rows.device):  # one multiply by the inverse norm (a divide per element costs more on CPU)
+            unit_rows = _unit_rows(rows, out=push_rows)
+        else:  # F.normalize, three kernels
+            unit_rows = torch.div(rows, torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min_(1e-12),
+                                  out=push_rows)
         negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
         return ContrastivePrepared(pixel, sums, pixels_per_class, class_present, class_present.sum(),
                                    unit_rows.to(queue_dtype), negative_pc)
@@ -491,11 +530,11 @@ def contrastive_finish(
         anchor_index, anchor_count = sample_anchor_index_from_labels(pixel.anchor_label, num_classes, num_anchors,
                                                                      generator)
         negative_index, queue_nonempty = queues.sample_indices(num_anchors * num_negatives, generator=generator)
-        class_used = class_present & (anchor_count > 0) & queue_nonempty
+        class_used = (anchor_count > 0) & queue_nonempty  # a class with anchors is present (anchors are low)
         prototypes_unit = F.normalize(prepared.prototype_sums, dim=1)  # the mean's direction
         # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
         # present (still attached to rep through the clamped anchor gather)
-        class_weight = (class_used & (num_present >= 2)) / (num_present * num_anchors).clamp(min=1)
+        class_weight = class_used / torch.where(num_present >= 2, num_present * num_anchors, float("inf"))
 
     with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)

@@ -119,7 +119,7 @@ def unsup_loss_from_reliable(
 ) -> torch.Tensor:
     """`(B*H*W / kept) * CE(mean over kept)` as the published compute_unsupervised_loss (spec section 4)."""
     batch, _, height, width = student_logits_u.shape
-    scale = kept_count.detach().clamp(min=1).float().pow_(-2).mul_(batch * height * width)  # B*H*W / kept^2
+    scale = torch.div(batch * height * width, kept_count.detach().clamp(min=1) ** 2)  # B*H*W / kept^2, fp32
     if host_path(student_logits_u.device) and student_logits_u.dim() == 4:
         with torch.autocast("cpu", enabled=False):
             return _ScaledCESumCPU.apply(student_logits_u.float(), reliable_labels, ignore_index, scale)

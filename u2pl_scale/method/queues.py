@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..dist import all_gather_cat
 
-from .buffers import constant_arange
+from .buffers import uniform_below
 from .paths import host_path
 from .rowcopy import copy_rows_
 from .reliability import cpu_single_thread
@@ -105,16 +105,15 @@ class ClassQueues:
         if can_drop:
             self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
             total_pairs = total_pairs.clamp(max=static_size)
-        padding = constant_arange(static_size, keep.device) >= total_pairs
 
         cls, row = pairs[:, 0], pairs[:, 1]
         # the ring slot of every (class, row) pair, offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c,
         # over the whole [C, N] grid (a few elementwise passes), then one gather of the kept pairs' slots
         ring_start = (self.write_ptr - overflow - 1)[:, None]
         slot_cn = torch.remainder(rank_in_class + ring_start, self.capacities[:, None]).add_(self.offsets[:, None])
-        slot = slot_cn[cls, row].masked_fill_(padding, self.scratch_row)
-        # the real pairs come first in `pairs`: copy those rows only where the device can skip the padding
-        copy_rows_(self.buffer, slot, features, row, total_pairs)
+        # the real pairs come first in `pairs`: copy those rows only where the device can skip the padding, else
+        # write the padding to the scratch row
+        copy_rows_(self.buffer, slot_cn[cls, row], features, row, total_pairs, spare_row=self.scratch_row)
 
         self.write_ptr.add_(kept).remainder_(self.capacities)
         self.fill.add_(pushed).clamp_(max=self.capacities)
@@ -196,9 +195,7 @@ class ClassQueues:
             classes = classes.to(device=self.device, dtype=torch.long).reshape(-1)
             fill, offsets = self.fill[classes], self.offsets[classes]
         uniform = torch.rand(fill.numel(), num, generator=generator, device=self.device, dtype=torch.float64)
-        position = (uniform * fill[:, None]).long()  # truncation is floor: the product is >= 0
-        position = torch.minimum(position, (fill - 1).clamp(min=0)[:, None])  # u * n may round up to n
-        return offsets[:, None] + position, fill > 0
+        return uniform_below(uniform, fill[:, None]).add_(offsets[:, None]), fill > 0  # empty: position 0
 
     def sample(
         self,

@@ -71,11 +71,14 @@ def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch
     e = exp(d), S = sum_c e: one exp per element and one log per pixel, where softmax then log(p + eps) takes an
     exp and a log per element (measured 17 -> 14 ms at VOC shapes). The two differ by at most C * eps per pixel
     (the eps term), below fp32 rounding of the entropy, and d <= 0 keeps small entropies accurate.
-    Elsewhere: whole-tensor passes of the published formula.
+    Elsewhere: softmax, then -sum_c p log p (torch.special.entr), which differs from the published formula by the same
+    eps term.
     """
     with fp32_region(logits.device):
         if not host_path(logits.device) or logits.dim() != 4:
-            return entropy(torch.softmax(logits.float(), dim=1), eps)
+            # -sum_c p log p (special.entr, 0 at p = 0): three kernels where the published formula takes six; it
+            # differs from -sum_c p log(p + eps) by less than C * eps per pixel, as the CPU form below
+            return torch.special.entr(torch.softmax(logits.float(), dim=1)).sum(1)
         batch, classes, height, width = logits.shape
         logits = logits.float()
         out = torch.empty(batch, height, width, dtype=torch.float32)
@@ -141,31 +144,35 @@ def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequen
 
 
 def _percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
-                           qs: Union[Sequence[Number], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`percentiles`, and the number of valid entries (0-dim long) it counted on the way."""
+                           qs: Union[Sequence[Number], torch.Tensor],
+                           masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`percentiles`, and the number of valid entries (0-dim long) it counted on the way. `masked`, if given, is
+    `values` with NaN at the invalid entries (reliability has it anyway): the device path sorts it as it is, NaN
+    last (as torch.sort orders a positive NaN on every device), where it would otherwise mask with +inf."""
     flat = values.reshape(-1).float()
     valid = valid_mask.reshape(-1).to(torch.bool)
     count = valid.sum()
-    last_index = (count - 1).clamp(min=0)
+    last_index = (count - 1).clamp_(min=0)
     last = last_index.to(torch.float64)
     if torch.is_tensor(qs):
-        position = qs.to(device=flat.device, dtype=torch.float64).reshape(-1) / 100.0 * last
+        position = qs.to(device=flat.device, dtype=torch.float64).reshape(-1).clamp(0.0, 100.0) / 100.0 * last
     else:  # python numbers: scalar arithmetic on the device tensor, no host-to-device copy
-        position = torch.stack([last * (float(q) / 100.0) for q in qs])
-    lower = position.floor()
-    fraction = (position - lower).float()
-    lower_index = lower.long().clamp(0, flat.numel() - 1)  # q outside [0, 100] clamps to the ends
-    bounds = torch.cat([lower_index, torch.minimum(lower_index + 1, last_index)])
+        position = torch.stack([last * (min(max(float(q), 0.0), 100.0) / 100.0) for q in qs])
+    # 0 <= position <= last (q outside [0, 100] clamps to the ends), so floor and ceil are valid positions
+    fraction = torch.frac(position).float()
+    bounds = torch.cat([position, position.ceil()]).long()  # truncation is floor: position >= 0
     if host_path(flat.device):
         # no device to keep in sync with: select the few order statistics instead of sorting everything, by a
         # radix select over integer keys (a bijection of the fp32 bit patterns that keeps their order)
         keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
         selected = _from_order_keys(_select_keys_cpu(keys, bounds))
-    else:  # one sort of the values (a radix sort on CUDA), invalid entries last as +inf
-        selected = torch.sort(torch.where(valid, flat, float("inf"))).values[bounds]
+    else:  # one sort of the values (a radix sort on CUDA), invalid entries last
+        ordered = masked.reshape(-1) if masked is not None else torch.where(valid, flat, float("inf"))
+        selected = torch.sort(ordered).values[bounds]
     lower_value, upper_value = selected.chunk(2)
     result = torch.lerp(lower_value, upper_value, fraction)  # lower + (upper - lower) * fraction
-    return torch.where(count > 0, result, float("inf")), count
+    # with no valid entry: +inf (the values there are +inf or NaN, and lerp of +inf gives NaN)
+    return torch.nan_to_num(result, nan=float("inf")), count
 
 
 def percentile(values: torch.Tensor, valid_mask: torch.Tensor, q: Number) -> torch.Tensor:
@@ -239,12 +246,16 @@ def reliability(
     if entropy_map is None:
         entropy_map = entropy_from_logits(teacher_logits_u)
     valid = pseudo_labels != ignore_index
+    # NaN at the ignored pixels: every comparison with a threshold is False there, so the masks below need no
+    # `& valid` (drop_unreliable and entropy_masks, one pass fewer each)
+    masked = torch.where(valid, entropy_map.float(), float("nan"))
     thresholds, valid_count = _percentiles_and_count(
-        entropy_map, valid, _as_percent_list(100.0 - drop_percent, alpha_t, 100.0 - alpha_t))
+        entropy_map, valid, _as_percent_list(100.0 - drop_percent, alpha_t, 100.0 - alpha_t), masked=masked)
     drop_threshold, low_threshold, high_threshold = thresholds[0], thresholds[1], thresholds[2]
-    reliable_labels, kept_count = drop_unreliable(pseudo_labels, entropy_map, drop_threshold, ignore_index, valid,
-                                                  valid_count)
-    low, high = entropy_masks(entropy_map, valid, low_threshold, high_threshold)
+    unreliable = masked >= drop_threshold
+    reliable_labels = torch.where(unreliable, ignore_index, pseudo_labels)
+    kept_count = valid_count - unreliable.sum()
+    low, high = masked <= low_threshold, masked >= high_threshold
     return Reliability(entropy_map, reliable_labels, kept_count, valid_count, drop_threshold, low, high)
 
 

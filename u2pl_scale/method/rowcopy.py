@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from .buffers import constant_arange
+
 try:
     import triton
     import triton.language as tl
@@ -66,12 +68,8 @@ def _uses_triton(dst: torch.Tensor) -> bool:
     return triton is not None and dst.is_cuda and not _triton_failed
 
 
-@torch.library.custom_op("u2pl_scale::copy_rows_", mutates_args=("dst",))
-def copy_rows_(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
-               count: torch.Tensor) -> None:
-    """dst[dst_index[i]] = src[src_index[i]] for i < count. Entries from `count` on must point at a row of dst
-    that nothing reads (the index_copy_ path writes them; the Triton path skips them). dst [R, D], src [S, D],
-    indices [N] int64 (strided views allowed), count a 0-d or 1-element int64 tensor on the same device."""
+def _copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
+               count: torch.Tensor, spare_row: int) -> None:
     if _uses_triton(dst):
         try:
             launch_triton(dst, dst_index, src, src_index, count)
@@ -79,10 +77,36 @@ def copy_rows_(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, sr
         except Exception as error:  # a Triton that cannot build the kernel here: say so, and copy the slow way
             _triton_failed.append(f"{type(error).__name__}: {error}")
             warnings.warn(f"u2pl_scale copy_rows_: the Triton row copy failed ({_triton_failed[0][:500]}); the "
-                          "queue push uses index_copy_ from now on (correct, slower)", RuntimeWarning, stacklevel=2)
+                          "queue push uses index_copy_ from now on (correct, slower)", RuntimeWarning, stacklevel=3)
+    if spare_row >= 0:  # the entries from `count` on are written to the spare row
+        padding = constant_arange(dst_index.shape[0], dst_index.device) >= count
+        dst_index = dst_index.masked_fill(padding, spare_row)
     dst.index_copy_(0, dst_index, src.index_select(0, src_index).to(dst.dtype))
 
 
-@copy_rows_.register_fake
-def _(dst, dst_index, src, src_index, count) -> None:
+@torch.library.custom_op("u2pl_scale::copy_rows_", mutates_args=("dst",))
+def _copy_rows_op(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
+                  count: torch.Tensor, spare_row: int) -> None:
+    _copy_rows(dst, dst_index, src, src_index, count, spare_row)
+
+
+@_copy_rows_op.register_fake
+def _(dst, dst_index, src, src_index, count, spare_row) -> None:
     return None
+
+
+def copy_rows_(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
+               count: torch.Tensor, spare_row: int = -1) -> None:
+    """dst[dst_index[i]] = src[src_index[i]] for i < count. dst [R, D], src [S, D], indices [N] int64 (strided views
+    allowed), count a 0-d or 1-element int64 tensor on the same device. The entries from `count` on are not copied
+    where the device can skip them (Triton); elsewhere the index_copy_ writes them to `spare_row` if given (>= 0),
+    else to the rows their dst_index names: either way a row of dst that nothing reads.
+
+    Traced code calls the custom operator (one call in the graph, which CUDA graphs capture); eager code calls the
+    implementation directly, since a torch.library custom op costs about 30 us of host time per call in eager mode
+    (measured on CPU: 40 us against 10 us for the same index_select + index_copy_)."""
+    if torch.compiler.is_compiling():
+        torch.ops.u2pl_scale.copy_rows_(dst, dst_index, src, src_index, count, spare_row)
+        return
+    _copy_rows(dst, dst_index, src, src_index, count, spare_row)
+    torch.autograd.graph.increment_version(dst)  # as the custom op's in-place mutation would
