@@ -436,7 +436,7 @@ class _AnchorLoss(torch.autograd.Function):
         grad.addcmul_(scaled, along, value=-temperature * temperature)
         grad *= weight[:, None, None] / denom
         ctx.save_for_backward(grad)
-        return (log_positive * weight[:, None]).sum().neg()
+        return torch.rsub((log_positive * weight[:, None]).sum(), 0.0)  # 0 - x: +0, not -0, without a used class
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -534,7 +534,7 @@ def contrastive_finish(
         prototypes_unit = F.normalize(prepared.prototype_sums, dim=1)  # the mean's direction
         # loss = sum over used classes of the mean anchor CE / number of classes present; 0 with fewer than two
         # present (still attached to rep through the clamped anchor gather)
-        class_weight = class_used / torch.where(num_present >= 2, num_present * num_anchors, float("inf"))
+        class_weight = class_used / torch.where(num_present >= 2, num_present * float(num_anchors), float("inf"))
 
     with fp32_region(rep.device):
         anchors = _gather_pixels(rep, anchor_index.reshape(-1)).float().reshape(num_classes, num_anchors, dim)
