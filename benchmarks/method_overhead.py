@@ -157,6 +157,25 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _count_with_triton_push(inputs: dict) -> int:
+    """The step's ops as a CUDA device with Triton issues them: the queue push then runs as two Triton kernels
+    (rowcopy.launch_triton_push), which the meta device cannot run; here they count as two ops and write nothing."""
+    from u2pl_scale.method import rowcopy
+
+    def launch(*args):
+        counter.where["method/rowcopy.py launch_triton_push (2 Triton kernels)"] += 2
+
+    saved = rowcopy._uses_triton, rowcopy.launch_triton_push
+    rowcopy._uses_triton, rowcopy.launch_triton_push = (lambda dst: True), launch
+    try:
+        inputs["student_logits_u"].grad = inputs["rep"].grad = None
+        with _OpCounter() as counter:
+            method_step(inputs, 0.1, None)
+    finally:
+        rowcopy._uses_triton, rowcopy.launch_triton_push = saved
+    return sum(counter.where.values())
+
+
 def count_ops(shape: str) -> None:
     """The kernel-launching aten ops of one eager step on the device path (forward and backward), by function.
 
@@ -168,9 +187,11 @@ def count_ops(shape: str) -> None:
     inputs["student_logits_u"].grad = inputs["rep"].grad = None
     with _OpCounter() as counter:
         method_step(inputs, 0.1, None)
+    triton_ops = _count_with_triton_push(inputs)
     print("| shape | device path ops per step (forward + backward, meta device) |")
     print("| --- | --- |")
     print(f"| {shape} | {sum(counter.where.values())} |")
+    print(f"| {shape}, CUDA with Triton (the queue push's two kernels counted as two ops) | {triton_ops} |")
     print()
     print("| ops | where |")
     print("| --- | --- |")

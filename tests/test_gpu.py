@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_static_queue_push_on_gpu_equals_the_cpu_push():
+@pytest.mark.parametrize("max_pairs", [None, 2000], ids=["fused-triton-push", "compacted-triton-row-copy"])
+def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs):
+    """Eager pushes on CUDA run the fused Triton push (rowcopy.launch_triton_push); with max_pairs (2000 drops
+    nothing here) the compacted push and its Triton row copy."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(500, 8, generator=g)
     mask = torch.rand(500, 4, generator=g) < 0.3
@@ -26,7 +29,7 @@ def test_static_queue_push_on_gpu_equals_the_cpu_push():
     assert gpu.compaction == "static"
     for _ in range(3):
         cpu.push(features, mask)
-        gpu.push(features.cuda(), mask.cuda())
+        gpu.push(features.cuda(), mask.cuda(), max_pairs=max_pairs)
     for key, value in cpu.state_dict().items():
         assert torch.equal(value, gpu.state_dict()[key].cpu()), key
 

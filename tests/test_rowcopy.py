@@ -116,3 +116,46 @@ def test_index_copy_path_writes_the_padding_to_the_spare_row_only():
     out = dst.clone()
     copy_rows_(out, dst_index, src, src_index, torch.tensor(2))  # without a spare row the padding lands on row 0
     assert torch.equal(out[0], src[0])
+
+
+def test_fused_triton_push_equals_the_exact_push(tmp_path):
+    """rowcopy.launch_triton_push (the queue push on CUDA: each kept pair's row straight to its ring slot, then the
+    pointers) in Triton's interpreter, through ClassQueues.push, against the CPU's exact push: five pushes with
+    wrap-around, a push of more rows than a class holds, an empty class, the class mask as a class-major view (as
+    the contrastive loss passes it) and as a plain [N, C] tensor, fp32 and bf16 queues, dim above one column block."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from u2pl_scale.method import rowcopy
+        from u2pl_scale.method.queues import ClassQueues
+        rowcopy._uses_triton = lambda dst: True  # as on a CUDA device
+        calls = []
+        launch = rowcopy.launch_triton_push
+        rowcopy.launch_triton_push = lambda *a: (calls.append(1), launch(*a))
+        g = torch.Generator().manual_seed(3)
+        results = []
+        for dim, dtype in ((300, torch.float32), (8, torch.bfloat16)):
+            fused, exact = (ClassQueues(4, dim, [7, 30, 5, 12], dtype=dtype) for _ in range(2))
+            fused.compaction = "static"
+            for step, rows in enumerate((20, 3, 40, 9, 25)):
+                features = torch.randn(rows, dim, generator=g)
+                mask = torch.rand(rows, 4, generator=g) < 0.5
+                mask[:, 3] = False if step == 1 else mask[:, 3]
+                if step % 2:  # a [N, C] view of a class-major [C, N] tensor
+                    mask = mask.t().contiguous().t()
+                fused.push(features, mask)
+                exact.push(features, mask)
+                results.append({k: (fused.state_dict()[k], exact.state_dict()[k]) for k in ("buffer", "write_ptr", "fill")})
+        torch.save(dict(results=results, calls=len(calls)), "results.pt")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "results.pt")
+    assert saved["calls"] == 10  # every push ran the fused kernels
+    for step, state in enumerate(saved["results"]):
+        for key, (fused, exact) in state.items():
+            if key == "buffer":  # the scratch row (last) is the compacted push's, never written here
+                fused, exact = fused[:-1], exact[:-1]
+            assert torch.equal(fused, exact), (step, key)

@@ -1,4 +1,5 @@
-"""copy_rows_: dst[dst_index[i]] = src[src_index[i]] for the first `count` entries, `count` a device tensor.
+"""Triton kernels of the queue push. copy_rows_: dst[dst_index[i]] = src[src_index[i]] for the first `count`
+entries, `count` a device tensor.
 
 The queue push (queues.py) writes its kept (pixel, class) pairs compacted to a static size, the real pairs first
 and padding after (directed at a scratch row), so that accelerators never read the number of pairs back. With
@@ -10,7 +11,12 @@ after `count`, which cost no memory traffic: the copy moves the real rows only. 
 of the padded list (same result outside the scratch row, which is never read).
 
 It is a custom operator (torch.library) that mutates `dst`, so torch.compile keeps it as one call in the graph
-and CUDA graphs capture its launch.
+and CUDA graphs capture its launch; eager callers skip the operator's dispatch.
+
+`launch_triton_push` is the whole queue push after the ranks' cumsum as two Triton kernels, for eager code on
+CUDA: one program per (block of rows, class) writes the kept rows straight to their ring slots (no compaction of
+the pairs, no padding), then one program advances the write pointers and fill counts. It replaces the ~15 small ops
+of the compacted push (the eager method's host cost on a GPU is its op count).
 """
 from __future__ import annotations
 
@@ -61,11 +67,95 @@ def launch_triton(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor,
                             dst_index.stride(0), src_index.stride(0), BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=block_d)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _push_kernel(dst_ptr, src_ptr, mask_ptr, rank_ptr, write_ptr_ptr, capacity_ptr, offset_ptr, num_rows, dim,
+                     dst_stride, src_stride, mask_stride_c, mask_stride_n, rank_stride_c,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        # program (row block, class c): the block's pairs (row, c) that the push keeps, each to its ring slot
+        c = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        live = rows < num_rows
+        chosen = tl.load(mask_ptr + c * mask_stride_c + rows * mask_stride_n, mask=live, other=0) != 0
+        rank = tl.load(rank_ptr + c * rank_stride_c + rows, mask=live, other=0).to(tl.int64)
+        pushed = tl.load(rank_ptr + c * rank_stride_c + num_rows - 1).to(tl.int64)
+        capacity = tl.load(capacity_ptr + c)
+        overflow = tl.maximum(pushed - capacity, 0)  # the oldest pairs, which the newest overwrite
+        keep = chosen & (rank > overflow)
+        position = rank + tl.load(write_ptr_ptr + c) - overflow - 1  # >= 0 where kept
+        slot = tl.where(keep, tl.load(offset_ptr + c) + position % capacity, 0)
+        src_rows = rows.to(tl.int64)
+        for start in range(0, dim, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = keep[:, None] & (cols[None, :] < dim)
+            values = tl.load(src_ptr + src_rows[:, None] * src_stride + cols[None, :], mask=mask)
+            tl.store(dst_ptr + slot[:, None] * dst_stride + cols[None, :], values, mask=mask)
+
+    @triton.jit
+    def _advance_kernel(rank_ptr, write_ptr_ptr, fill_ptr, capacity_ptr, num_rows, num_classes, rank_stride_c,
+                        BLOCK_C: tl.constexpr):
+        # after _push_kernel (same stream): write pointers and fill counts of every class
+        c = tl.arange(0, BLOCK_C)
+        live = c < num_classes
+        pushed = tl.load(rank_ptr + c * rank_stride_c + num_rows - 1, mask=live, other=0).to(tl.int64)
+        capacity = tl.load(capacity_ptr + c, mask=live, other=1)
+        write_ptr = tl.load(write_ptr_ptr + c, mask=live, other=0)
+        fill = tl.load(fill_ptr + c, mask=live, other=0)
+        tl.store(write_ptr_ptr + c, (write_ptr + tl.minimum(pushed, capacity)) % capacity, mask=live)
+        tl.store(fill_ptr + c, tl.minimum(fill + pushed, capacity), mask=live)
+
+
+def launch_triton_push(buffer: torch.Tensor, features: torch.Tensor, mask_cn: torch.Tensor,
+                       rank_in_class: torch.Tensor, write_ptr: torch.Tensor, fill: torch.Tensor,
+                       capacities: torch.Tensor, offsets: torch.Tensor) -> None:
+    """The queue push (queues.ClassQueues.push) as two Triton kernels, given the pairs' 1-based ranks within their
+    class (rank_in_class [C, N] int32, a cumsum of mask_cn [C, N] bool): each kept pair's row goes straight to its
+    ring slot, with no compaction of the pairs and none of the ~15 small ops around it; then the write pointers
+    and fill counts advance. Same slots and state as the compacted push. Re-running it after a failed second
+    kernel writes the same rows to the same slots (the state it reads is unchanged)."""
+    num_classes, num_rows = mask_cn.shape
+    if features.stride(1) != 1 or buffer.stride(1) != 1 or rank_in_class.stride(1) != 1:
+        raise ValueError("the Triton push needs rows with contiguous columns")
+    dim = buffer.shape[1]
+    block_d = min(triton.next_power_of_2(dim), 256)
+    grid = (triton.cdiv(num_rows, PUSH_BLOCK_ROWS), num_classes)
+    mask = mask_cn.view(torch.uint8)
+    _push_kernel[grid](buffer, features, mask, rank_in_class, write_ptr, capacities, offsets, num_rows, dim,
+                       buffer.stride(0), features.stride(0), mask.stride(0), mask.stride(1), rank_in_class.stride(0),
+                       BLOCK_ROWS=PUSH_BLOCK_ROWS, BLOCK_D=block_d)
+    _advance_kernel[(1,)](rank_in_class, write_ptr, fill, capacities, num_rows, num_classes, rank_in_class.stride(0),
+                          BLOCK_C=triton.next_power_of_2(num_classes))
+
+
+PUSH_BLOCK_ROWS = 64
 _triton_failed: list[str] = []  # the error of a Triton launch that failed once (then index_copy_ from there on)
 
 
 def _uses_triton(dst: torch.Tensor) -> bool:
     return triton is not None and dst.is_cuda and not _triton_failed
+
+
+def push_rows_(buffer: torch.Tensor, features: torch.Tensor, mask_cn: torch.Tensor, rank_in_class: torch.Tensor,
+               write_ptr: torch.Tensor, fill: torch.Tensor, capacities: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """The fused queue push (launch_triton_push) where Triton runs it, in eager code: True if it ran. False (the
+    caller compacts the pairs instead) off CUDA, while traced, or after a Triton launch failed once (warned)."""
+    if not _uses_triton(buffer) or torch.compiler.is_compiling():
+        return False
+    try:
+        launch_triton_push(buffer, features, mask_cn, rank_in_class, write_ptr, fill, capacities, offsets)
+        return True
+    except Exception as error:
+        _warn_failed(error)
+        return False
+
+
+def _warn_failed(error: Exception) -> None:
+    """A Triton that cannot build a kernel here: say so once; the queue push copies the slow way from then on."""
+    _triton_failed.append(f"{type(error).__name__}: {error}")
+    warnings.warn(f"u2pl_scale: a Triton kernel of the queue push failed ({_triton_failed[0][:500]}); the push "
+                  "compacts its pairs and uses index_copy_ from now on (correct, slower)", RuntimeWarning,
+                  stacklevel=4)
 
 
 def _copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
@@ -74,10 +164,8 @@ def _copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, sr
         try:
             launch_triton(dst, dst_index, src, src_index, count)
             return
-        except Exception as error:  # a Triton that cannot build the kernel here: say so, and copy the slow way
-            _triton_failed.append(f"{type(error).__name__}: {error}")
-            warnings.warn(f"u2pl_scale copy_rows_: the Triton row copy failed ({_triton_failed[0][:500]}); the "
-                          "queue push uses index_copy_ from now on (correct, slower)", RuntimeWarning, stacklevel=3)
+        except Exception as error:
+            _warn_failed(error)
     if spare_row >= 0:  # the entries from `count` on are written to the spare row
         padding = constant_arange(dst_index.shape[0], dst_index.device) >= count
         dst_index = dst_index.masked_fill(padding, spare_row)
