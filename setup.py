@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["u2pl_scale", "u2pl_scale.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",  # torch.library.custom_op (u2pl_scale/method/rowcopy.py); tested on 2.11 (GPU) and 2.14 (CPU)
+        "torch>=2.4",  # torch.library.custom_op (u2pl_scale/method/kernels.py); tested on 2.11 (GPU) and 2.14 (CPU)
         "torchvision>=0.19",
         "timm>=0.9",
         "webdataset>=0.2.86",

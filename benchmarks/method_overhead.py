@@ -157,22 +157,28 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _count_with_triton_push(inputs: dict) -> int:
+def _count_with_triton(inputs: dict) -> int:
     """The step's ops as a CUDA device with Triton issues them: the queue push then runs as two Triton kernels
-    (rowcopy.launch_triton_push), which the meta device cannot run; here they count as two ops and write nothing."""
-    from u2pl_scale.method import rowcopy
+    (kernels.launch_triton_push) and the percentiles as one (kernels.launch_triton_percentiles), which the meta
+    device cannot run; here each kernel counts as one op (the push writes nothing, the percentiles are empty)."""
+    from u2pl_scale.method import kernels
 
-    def launch(*args):
-        counter.where["method/rowcopy.py launch_triton_push (2 Triton kernels)"] += 2
+    def push(*args):
+        counter.where["method/kernels.py launch_triton_push (2 Triton kernels)"] += 2
 
-    saved = rowcopy._uses_triton, rowcopy.launch_triton_push
-    rowcopy._uses_triton, rowcopy.launch_triton_push = (lambda dst: True), launch
+    def percentiles(sorted_values, count, fractions):
+        counter.where["method/kernels.py launch_triton_percentiles (1 Triton kernel)"] += 1
+        return torch.empty(len(fractions), device=sorted_values.device)
+
+    saved = kernels._uses_triton, kernels.launch_triton_push, kernels.launch_triton_percentiles
+    kernels._uses_triton, kernels.launch_triton_push, kernels.launch_triton_percentiles = (
+        lambda tensor: True), push, percentiles
     try:
         inputs["student_logits_u"].grad = inputs["rep"].grad = None
         with _OpCounter() as counter:
             method_step(inputs, 0.1, None)
     finally:
-        rowcopy._uses_triton, rowcopy.launch_triton_push = saved
+        kernels._uses_triton, kernels.launch_triton_push, kernels.launch_triton_percentiles = saved
     return sum(counter.where.values())
 
 
@@ -187,11 +193,11 @@ def count_ops(shape: str) -> None:
     inputs["student_logits_u"].grad = inputs["rep"].grad = None
     with _OpCounter() as counter:
         method_step(inputs, 0.1, None)
-    triton_ops = _count_with_triton_push(inputs)
+    triton_ops = _count_with_triton(inputs)
     print("| shape | device path ops per step (forward + backward, meta device) |")
     print("| --- | --- |")
     print(f"| {shape} | {sum(counter.where.values())} |")
-    print(f"| {shape}, CUDA with Triton (the queue push's two kernels counted as two ops) | {triton_ops} |")
+    print(f"| {shape}, CUDA with Triton (its kernels in the queue push and percentiles counted as ops) | {triton_ops} |")
     print()
     print("| ops | where |")
     print("| --- | --- |")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("max_pairs", [None, 2000], ids=["fused-triton-push", "compacted-triton-row-copy"])
 def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs):
-    """Eager pushes on CUDA run the fused Triton push (rowcopy.launch_triton_push); with max_pairs (2000 drops
+    """Eager pushes on CUDA run the fused Triton push (kernels.launch_triton_push); with max_pairs (2000 drops
     nothing here) the compacted push and its Triton row copy."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(500, 8, generator=g)

@@ -7,14 +7,14 @@ class c holds, as a multiset, the newest min(total pushed, capacity_c) keys.
 
 A push is vectorised over classes: each (pixel, class) pair gets its rank within its class by a cumsum, only the
 newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and written by one row
-copy (rowcopy.copy_rows_: a Triton kernel on CUDA that skips the padding, else index_copy_). The kept pairs are
+copy (kernels.copy_rows_: a Triton kernel on CUDA that skips the padding, else index_copy_). The kept pairs are
 compacted with `torch.nonzero_static` to a size fixed by the shapes (min(pixels x classes, sum(capacities),
 max_pairs)), so accelerators never sync. On a CPU device there is no
 host/device boundary to protect, and the padded write of up to sum(capacities) rows would dominate the step, so
 the CPU ("exact") path reads the per-class counts on the host and copies each class's newest rows with
 `index_select(out=...)` straight into its ring slice(s), without a [pairs, dim] intermediate; both paths write
 identical queues. In eager code on CUDA (Triton) the push after the cumsum is two Triton kernels instead
-(rowcopy.launch_triton_push): each kept pair's row goes straight to its ring slot, and no pairs are compacted;
+(kernels.launch_triton_push): each kept pair's row goes straight to its ring slot, and no pairs are compacted;
 compiled code and `max_pairs` take the compacted path.
 
 `push_distributed` does ONE fixed-size all_gather per step for all classes: every rank sends its P feature rows
@@ -33,7 +33,7 @@ from ..dist import all_gather_cat
 
 from .buffers import uniform_below
 from .paths import host_path
-from .rowcopy import copy_rows_, push_rows_
+from .kernels import copy_rows_, push_rows_
 from .reliability import cpu_single_thread
 
 
@@ -93,7 +93,7 @@ class ClassQueues:
         rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
         if max_pairs is None and push_rows_(self.buffer, features.to(self.dtype), mask_cn, rank_in_class,
                                             self.write_ptr, self.fill, self.capacities, self.offsets):
-            return  # CUDA: the rows went straight to their slots (rowcopy.launch_triton_push)
+            return  # CUDA: the rows went straight to their slots (kernels.launch_triton_push)
         pushed = rank_in_class[:, -1]  # pairs per class this push (int32; int64 once combined with the long state)
         kept = torch.minimum(pushed, self.capacities)  # only the newest capacity_c pairs can survive
         overflow = pushed - kept  # the oldest pairs, which cannot

@@ -15,6 +15,7 @@ from typing import Sequence, Union
 
 import torch
 from .fp32 import fp32_region
+from .kernels import select_percentiles
 from .paths import host_path
 
 Number = Union[float, int, torch.Tensor]
@@ -152,27 +153,34 @@ def _percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
     flat = values.reshape(-1).float()
     valid = valid_mask.reshape(-1).to(torch.bool)
     count = valid.sum()
-    last_index = (count - 1).clamp_(min=0)
-    last = last_index.to(torch.float64)
-    if torch.is_tensor(qs):
-        position = qs.to(device=flat.device, dtype=torch.float64).reshape(-1).clamp(0.0, 100.0) / 100.0 * last
-    else:  # python numbers: scalar arithmetic on the device tensor, no host-to-device copy
-        position = torch.stack([last * (min(max(float(q), 0.0), 100.0) / 100.0) for q in qs])
-    # 0 <= position <= last (q outside [0, 100] clamps to the ends), so floor and ceil are valid positions
-    fraction = torch.frac(position).float()
-    bounds = torch.cat([position, position.ceil()]).long()  # truncation is floor: position >= 0
     if host_path(flat.device):
         # no device to keep in sync with: select the few order statistics instead of sorting everything, by a
         # radix select over integer keys (a bijection of the fp32 bit patterns that keeps their order)
         keys = torch.where(valid, _order_keys(flat), torch.iinfo(torch.int32).max)  # invalid entries sort last
-        selected = _from_order_keys(_select_keys_cpu(keys, bounds))
-    else:  # one sort of the values (a radix sort on CUDA), invalid entries last
-        ordered = masked.reshape(-1) if masked is not None else torch.where(valid, flat, float("inf"))
-        selected = torch.sort(ordered).values[bounds]
-    lower_value, upper_value = selected.chunk(2)
+        return _interpolated(lambda bounds: _from_order_keys(_select_keys_cpu(keys, bounds)), count, qs), count
+    # one sort of the values (a radix sort on CUDA), invalid entries last
+    ordered = masked.reshape(-1) if masked is not None else torch.where(valid, flat, float("inf"))
+    sorted_values = torch.sort(ordered).values
+    if not torch.is_tensor(qs):  # CUDA with Triton: then one kernel (kernels.launch_triton_percentiles)
+        selected = select_percentiles(sorted_values, count, [min(max(float(q), 0.0), 100.0) / 100.0 for q in qs])
+        if selected is not None:
+            return selected, count
+    return _interpolated(lambda bounds: sorted_values[bounds], count, qs), count
+
+
+def _interpolated(take, count: torch.Tensor, qs: Union[Sequence[Number], torch.Tensor]) -> torch.Tensor:
+    """The percentiles `qs` of `count` sorted values, given `take(bounds)`: the sorted values at positions bounds."""
+    last = (count - 1).clamp_(min=0).to(torch.float64)
+    if torch.is_tensor(qs):
+        position = qs.to(device=count.device, dtype=torch.float64).reshape(-1).clamp(0.0, 100.0) / 100.0 * last
+    else:  # python numbers: scalar arithmetic on the device tensor, no host-to-device copy
+        position = torch.stack([last * (min(max(float(q), 0.0), 100.0) / 100.0) for q in qs])
+    # 0 <= position <= last (q outside [0, 100] clamps to the ends), so floor and ceil are valid positions
+    fraction = torch.frac(position).float()
+    lower_value, upper_value = take(torch.cat([position, position.ceil()]).long()).chunk(2)  # .long() floors here
     result = torch.lerp(lower_value, upper_value, fraction)  # lower + (upper - lower) * fraction
     # with no valid entry: +inf (the values there are +inf or NaN, and lerp of +inf gives NaN)
-    return torch.nan_to_num(result, nan=float("inf")), count
+    return torch.nan_to_num(result, nan=float("inf"))
 
 
 def percentile(values: torch.Tensor, valid_mask: torch.Tensor, q: Number) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Triton kernels of the queue push. copy_rows_: dst[dst_index[i]] = src[src_index[i]] for the first `count`
-entries, `count` a device tensor.
+"""The method's Triton kernels, for CUDA devices: each replaces a run of small torch ops where the eager method's
+cost on a GPU is the host's work to issue them (benchmarks/RESULTS.md). Where Triton is missing or a launch fails
+(warned once), the method uses torch ops; compiled code (train.compile_method) uses them too, except copy_rows_.
 
-The queue push (queues.py) writes its kept (pixel, class) pairs compacted to a static size, the real pairs first
+copy_rows_: dst[dst_index[i]] = src[src_index[i]] for the first `count` entries, `count` a device tensor. The
+queue push (queues.py) writes its kept (pixel, class) pairs compacted to a static size, the real pairs first
 and padding after (directed at a scratch row), so that accelerators never read the number of pairs back. With
 index_copy_ every padded entry costs as much as a real one: at the VOC shapes the static size is the queues' whole
 capacity (650,000 rows of 256 floats), and on an H100 that one index_copy_ took 4.2 ms of the method's 7.4 ms of
@@ -16,10 +18,15 @@ and CUDA graphs capture its launch; eager callers skip the operator's dispatch.
 `launch_triton_push` is the whole queue push after the ranks' cumsum as two Triton kernels, for eager code on
 CUDA: one program per (block of rows, class) writes the kept rows straight to their ring slots (no compaction of
 the pairs, no padding), then one program advances the write pointers and fill counts. It replaces the ~15 small ops
-of the compacted push (the eager method's host cost on a GPU is its op count).
+of the compacted push.
+
+`launch_triton_percentiles` interpolates up to four percentiles of the sorted entropies (reliability) in one
+launch, where the position arithmetic, gather, lerp and empty-set guard are a dozen torch ops; the fractions are
+kernel arguments (float64 bits), so nothing is copied to the device.
 """
 from __future__ import annotations
 
+import struct
 import warnings
 
 import torch
@@ -128,6 +135,55 @@ def launch_triton_push(buffer: torch.Tensor, features: torch.Tensor, mask_cn: to
                           BLOCK_C=triton.next_power_of_2(num_classes))
 
 
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["q0", "q1", "q2", "q3"])
+    def _percentile_kernel(sorted_ptr, count_ptr, out_ptr, q0, q1, q2, q3, num_qs, BLOCK: tl.constexpr):
+        # up to four percentiles of the first `count` sorted values; q0..q3 are the fractions' float64 bits
+        i = tl.arange(0, BLOCK)
+        live = i < num_qs
+        fraction = tl.where(i == 0, q0, tl.where(i == 1, q1, tl.where(i == 2, q2, q3))).to(tl.float64, bitcast=True)
+        count = tl.load(count_ptr)
+        position = fraction * tl.maximum(count - 1, 0).to(tl.float64)  # numpy's "linear": (count - 1) q
+        lower = tl.floor(position)
+        weight = (position - lower).to(tl.float32)
+        low = tl.load(sorted_ptr + lower.to(tl.int64), mask=live, other=0.0)
+        high = tl.load(sorted_ptr + tl.ceil(position).to(tl.int64), mask=live, other=0.0)
+        # torch.lerp's formula
+        value = tl.where(weight < 0.5, low + weight * (high - low), high - (high - low) * (1.0 - weight))
+        tl.store(out_ptr + i, tl.where(count > 0, value, float("inf")), mask=live)
+
+
+def _float64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def launch_triton_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractions: list) -> torch.Tensor:
+    """[len(fractions)] fp32: for each fraction f in [0, 1], sorted_values at position f (count - 1), interpolated
+    linearly between its neighbours (numpy.percentile's default); +inf where count is 0. One launch; the fractions
+    travel as kernel arguments (their float64 bits: Triton passes Python floats as fp32), so no host-to-device copy."""
+    if not 0 < len(fractions) <= PERCENTILE_SLOTS:
+        raise ValueError(f"the percentile kernel takes 1 to {PERCENTILE_SLOTS} percentiles, got {len(fractions)}")
+    out = torch.empty(len(fractions), dtype=torch.float32, device=sorted_values.device)
+    bits = [_float64_bits(float(f)) for f in fractions] + [0] * (PERCENTILE_SLOTS - len(fractions))
+    _percentile_kernel[(1,)](sorted_values, count, out, *bits, len(fractions), BLOCK=PERCENTILE_SLOTS)
+    return out
+
+
+def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractions) -> torch.Tensor | None:
+    """launch_triton_percentiles where Triton runs it, in eager code and for Python fractions; None (the caller
+    computes them with torch ops) otherwise, or after a Triton launch failed once (warned)."""
+    if (not _uses_triton(sorted_values) or torch.compiler.is_compiling() or torch.is_tensor(fractions)
+            or not 0 < len(fractions) <= PERCENTILE_SLOTS or sorted_values.dtype != torch.float32):
+        return None
+    try:
+        return launch_triton_percentiles(sorted_values, count, fractions)
+    except Exception as error:
+        _warn_failed(error)
+        return None
+
+
+PERCENTILE_SLOTS = 4
 PUSH_BLOCK_ROWS = 64
 _triton_failed: list[str] = []  # the error of a Triton launch that failed once (then index_copy_ from there on)
 
@@ -153,9 +209,9 @@ def push_rows_(buffer: torch.Tensor, features: torch.Tensor, mask_cn: torch.Tens
 def _warn_failed(error: Exception) -> None:
     """A Triton that cannot build a kernel here: say so once; the queue push copies the slow way from then on."""
     _triton_failed.append(f"{type(error).__name__}: {error}")
-    warnings.warn(f"u2pl_scale: a Triton kernel of the queue push failed ({_triton_failed[0][:500]}); the push "
-                  "compacts its pairs and uses index_copy_ from now on (correct, slower)", RuntimeWarning,
-                  stacklevel=4)
+    warnings.warn(f"u2pl_scale: a Triton kernel of the method failed ({_triton_failed[0][:500]}); the method uses "
+                  "torch ops instead from now on (the queue push compacts its pairs and copies them with "
+                  "index_copy_; correct, slower)", RuntimeWarning, stacklevel=4)
 
 
 def _copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,

@@ -1,7 +1,9 @@
-"""rowcopy.copy_rows_: the queue push's row copy, dst[dst_index[i]] = src[src_index[i]] for i < count.
+"""The method's Triton kernels (u2pl_scale/method/kernels.py): the queue push's row copy (copy_rows_,
+dst[dst_index[i]] = src[src_index[i]] for i < count), the fused queue push and the percentiles.
 
-The Triton kernel (used on CUDA devices) runs here in Triton's interpreter on CPU tensors, in a subprocess because
-TRITON_INTERPRET is read when the kernel is defined; tests/test_gpu.py runs it compiled on a GPU through the push.
+The Triton kernels (used on CUDA devices) run here in Triton's interpreter on CPU tensors, in a subprocess because
+TRITON_INTERPRET is read when the kernel is defined; tests/test_gpu.py runs them compiled on a GPU (the push
+directly, the percentiles inside the method's steps).
 """
 import os
 import subprocess
@@ -13,9 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from u2pl_scale.method.rowcopy import copy_rows_
+from u2pl_scale.method.kernels import copy_rows_
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(script: str, tmp_path: Path):
+    """Run `script` in a subprocess with TRITON_INTERPRET=1 (Triton kernels on CPU tensors); it saves its results to
+    results.pt in the working directory, which this loads."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "results.pt")
 
 
 def reference(dst, dst_index, src, src_index, count):
@@ -29,7 +41,7 @@ def test_triton_kernel_copies_the_first_count_rows_only(tmp_path):
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from u2pl_scale.method.rowcopy import launch_triton
+        from u2pl_scale.method.kernels import launch_triton
         g = torch.Generator().manual_seed(0)
         results = []
         # dim above one column block (300 > 256), a non-power-of-two dim, bf16, rows of src with a stride;
@@ -50,11 +62,7 @@ def test_triton_kernel_copies_the_first_count_rows_only(tmp_path):
             results.append(dict(dst=dst, src=src, dst_index=dst_index, src_index=src_index, count=count, out=out))
         torch.save(results, "results.pt")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = torch.load(tmp_path / "results.pt")
+    results = run_interpreted(script, tmp_path)
     for r in results:
         expected = reference(r["dst"], r["dst_index"], r["src"], r["src_index"], r["count"])
         assert torch.equal(r["out"], expected), (r["dst"].shape, r["dst"].dtype, r["count"])
@@ -78,14 +86,14 @@ def test_op_on_cpu_and_under_compile_writes_the_real_rows():
 
 
 def test_a_failing_triton_launch_warns_once_and_falls_back_to_index_copy(monkeypatch):
-    from u2pl_scale.method import rowcopy
+    from u2pl_scale.method import kernels
 
     def broken(*args):
         raise RuntimeError("no compiler for this GPU")
 
-    monkeypatch.setattr(rowcopy, "_triton_failed", [])
-    monkeypatch.setattr(rowcopy, "_uses_triton", lambda dst: not rowcopy._triton_failed)  # as on a CUDA device
-    monkeypatch.setattr(rowcopy, "launch_triton", broken)
+    monkeypatch.setattr(kernels, "_triton_failed", [])
+    monkeypatch.setattr(kernels, "_uses_triton", lambda dst: not kernels._triton_failed)  # as on a CUDA device
+    monkeypatch.setattr(kernels, "launch_triton", broken)
     dst, src = torch.zeros(5, 3), torch.arange(6.0).reshape(2, 3)
     dst_index, src_index, count = torch.tensor([3, 1]), torch.tensor([1, 0]), torch.tensor(2)
     with pytest.warns(RuntimeWarning, match="no compiler for this GPU"):
@@ -119,19 +127,19 @@ def test_index_copy_path_writes_the_padding_to_the_spare_row_only():
 
 
 def test_fused_triton_push_equals_the_exact_push(tmp_path):
-    """rowcopy.launch_triton_push (the queue push on CUDA: each kept pair's row straight to its ring slot, then the
+    """kernels.launch_triton_push (the queue push on CUDA: each kept pair's row straight to its ring slot, then the
     pointers) in Triton's interpreter, through ClassQueues.push, against the CPU's exact push: five pushes with
     wrap-around, a push of more rows than a class holds, an empty class, the class mask as a class-major view (as
     the contrastive loss passes it) and as a plain [N, C] tensor, fp32 and bf16 queues, dim above one column block."""
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from u2pl_scale.method import rowcopy
+        from u2pl_scale.method import kernels
         from u2pl_scale.method.queues import ClassQueues
-        rowcopy._uses_triton = lambda dst: True  # as on a CUDA device
+        kernels._uses_triton = lambda dst: True  # as on a CUDA device
         calls = []
-        launch = rowcopy.launch_triton_push
-        rowcopy.launch_triton_push = lambda *a: (calls.append(1), launch(*a))
+        launch = kernels.launch_triton_push
+        kernels.launch_triton_push = lambda *a: (calls.append(1), launch(*a))
         g = torch.Generator().manual_seed(3)
         results = []
         for dim, dtype in ((300, torch.float32), (8, torch.bfloat16)):
@@ -148,14 +156,61 @@ def test_fused_triton_push_equals_the_exact_push(tmp_path):
                 results.append({k: (fused.state_dict()[k], exact.state_dict()[k]) for k in ("buffer", "write_ptr", "fill")})
         torch.save(dict(results=results, calls=len(calls)), "results.pt")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    saved = torch.load(tmp_path / "results.pt")
+    saved = run_interpreted(script, tmp_path)
     assert saved["calls"] == 10  # every push ran the fused kernels
     for step, state in enumerate(saved["results"]):
         for key, (fused, exact) in state.items():
             if key == "buffer":  # the scratch row (last) is the compacted push's, never written here
                 fused, exact = fused[:-1], exact[:-1]
             assert torch.equal(fused, exact), (step, key)
+
+
+def test_triton_percentiles_equal_the_torch_ops_and_numpy(tmp_path):
+    """kernels.launch_triton_percentiles (the percentiles after the sort on CUDA: one kernel where the torch ops are
+    about a dozen) in Triton's interpreter, through reliability._percentiles_and_count on the device path, against
+    the same function with the kernel switched off (torch ops) and against numpy.percentile: random values with a
+    mask, ties, one valid entry, none (+inf), q at 0 and 100 and outside [0, 100] (clamped), and fractions whose
+    fp32 rounding would move the position (the kernel takes them as float64 bits)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import numpy as np
+        import torch
+        from u2pl_scale.method import kernels
+        from u2pl_scale.method.paths import device_path_on_cpu
+        from u2pl_scale.method.reliability import _percentiles_and_count
+        calls = []
+        launch = kernels.launch_triton_percentiles
+        kernels.launch_triton_percentiles = lambda *a: (calls.append(1), launch(*a))[1]
+        g = torch.Generator().manual_seed(5)
+        cases = []
+        values = torch.rand(300007, generator=g) * 4
+        cases.append((values, torch.rand(300007, generator=g) < 0.7, [80.0, 17.3456789, 82.6543211]))
+        ties = torch.randint(0, 5, (999,), generator=g).float()
+        cases.append((ties, torch.ones(999, dtype=torch.bool), [0.0, 50.0, 100.0, 33.3]))
+        cases.append((values[:10], torch.arange(10) == 3, [10.0, 90.0]))
+        cases.append((values[:10], torch.zeros(10, dtype=torch.bool), [10.0, 90.0]))
+        cases.append((values[:500], torch.ones(500, dtype=torch.bool), [-5.0, 150.0]))
+        # a step from 0 to 1 between sorted positions 99999 and 100000, where q = 33.3333333 % puts the position
+        # (99999.99999) but its fp32 rounding (0.33333334) puts it past 100000
+        step = (torch.arange(300001) >= 100000).float()
+        cases.append((step, torch.ones(300001, dtype=torch.bool), [33.3333333]))
+        results = []
+        with device_path_on_cpu():
+            for values, valid, qs in cases:
+                kernels._uses_triton = lambda tensor: True
+                fused, count = _percentiles_and_count(values, valid, qs)
+                kernels._uses_triton = lambda tensor: False
+                torch_ops, _ = _percentiles_and_count(values, valid, qs)
+                kept = values[valid].double().numpy()
+                clamped = [min(max(q, 0.0), 100.0) for q in qs]
+                reference = np.percentile(kept, clamped) if kept.size else np.full(len(qs), np.inf)
+                results.append(dict(fused=fused, torch_ops=torch_ops, reference=torch.tensor(reference),
+                                    count=int(count), valid=int(valid.sum())))
+        torch.save(dict(results=results, calls=len(calls)), "results.pt")
+    """)
+    saved = run_interpreted(script, tmp_path)
+    assert saved["calls"] == 6
+    for case, r in enumerate(saved["results"]):
+        assert r["count"] == r["valid"], case
+        assert torch.equal(r["fused"], r["torch_ops"]), (case, r["fused"], r["torch_ops"])
+        torch.testing.assert_close(r["fused"].double(), r["reference"], rtol=1e-6, atol=1e-6)
