@@ -37,8 +37,9 @@ run() {  # name, timeout, command...
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 # the parts in order of what they decide (a lease can end early; GPU_SUITE_ONLY="name ..." runs only those named)
-# the Triton row copy of the queue push against the CPU push, first: the timings below assume it is right
-run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k static_queue_push
+# the method's Triton kernels (the fused queue push and the compacted push's row copy against the CPU push, the
+# percentiles against the torch ops and numpy), first: the timings below assume they are right
+run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "static_queue_push or triton_percentiles"
 # train.compile_method_mode=cuda-graph (engine/graphed.py, new in stop 15, never run on a GPU yet): the eager method
 # captured by hand as two CUDA graphs, no torch.compile; first its test against the eager method
 run test_gpu_captured 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "captured_by_hand or method-captured"
@@ -57,7 +58,7 @@ run host_cost 60 python3 benchmarks/method_overhead.py --host-cost
 run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile --profile
 # the method replayed as CUDA graphs (train.compile_method_mode=reduce-overhead): no syncs, fresh inputs each replay
 run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" -k graphs
-run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push and not captured_by_hand"
+run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push and not triton_percentiles and not captured_by_hand"
 # train.cudnn_benchmark=false: what cuDNN's autotuning is worth to the model's part of the step
 run breakdown_bf16_cl_no_cudnn_benchmark 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --no-cudnn-benchmark
 run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k "eager"

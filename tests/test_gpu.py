@@ -1,4 +1,4 @@
-"""GPU-only paths: the sync-free queue compaction, no host sync inside the U2PL step (eager, and with the method
+"""GPU-only paths: the sync-free queue push (fused and compacted) and the percentiles' Triton kernel, no host sync inside the U2PL step (eager, and with the method
 compiled), a CUDA training run with bf16, channels-last and torch.compile. Skipped without a CUDA device (this
 project's CI has none)."""
 import contextlib
@@ -32,6 +32,33 @@ def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs):
         gpu.push(features.cuda(), mask.cuda(), max_pairs=max_pairs)
     for key, value in cpu.state_dict().items():
         assert torch.equal(value, gpu.state_dict()[key].cpu()), key
+
+
+def test_triton_percentiles_on_gpu_equal_the_torch_ops_and_numpy(monkeypatch):
+    """The percentiles' Triton kernel (kernels.launch_triton_percentiles) as the eager method runs it on CUDA,
+    against the torch ops on the same GPU and numpy.percentile; and no valid entry gives +inf."""
+    import numpy as np
+
+    from u2pl_scale.method import kernels
+    from u2pl_scale.method.reliability import _percentiles_and_count
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(300001, generator=g) * 4
+    valid = torch.rand(300001, generator=g) < 0.7
+    qs = [80.0, 17.3456789, 82.6543211, 0.0]
+    launches = []
+    launch = kernels.launch_triton_percentiles
+    monkeypatch.setattr(kernels, "launch_triton_percentiles", lambda *a: (launches.append(1), launch(*a))[1])
+    fused, count = _percentiles_and_count(values.cuda(), valid.cuda(), qs)
+    empty, _ = _percentiles_and_count(values.cuda(), torch.zeros_like(valid).cuda(), qs)
+    assert len(launches) == 2 and not kernels._triton_failed
+    monkeypatch.setattr(kernels, "_uses_triton", lambda tensor: False)
+    torch_ops, _ = _percentiles_and_count(values.cuda(), valid.cuda(), qs)
+    assert int(count) == int(valid.sum())
+    torch.testing.assert_close(fused.cpu(), torch_ops.cpu(), rtol=1e-6, atol=1e-6)
+    reference = torch.tensor(np.percentile(values[valid].double().numpy(), qs))
+    torch.testing.assert_close(fused.cpu().double(), reference, rtol=1e-6, atol=1e-6)
+    assert torch.isinf(empty).all()
 
 
 @pytest.mark.parametrize("mode", [None, "default", "reduce-overhead"],

@@ -142,7 +142,9 @@ if triton is not None:
         # up to four percentiles of the first `count` sorted values; q0..q3 are the fractions' float64 bits
         i = tl.arange(0, BLOCK)
         live = i < num_qs
-        fraction = tl.where(i == 0, q0, tl.where(i == 1, q1, tl.where(i == 2, q2, q3))).to(tl.float64, bitcast=True)
+        # int64 before the bitcast: Triton types an int argument that fits in 32 bits (a fraction of 0.0) as i32
+        bits = tl.where(i == 0, q0, tl.where(i == 1, q1, tl.where(i == 2, q2, q3))).to(tl.int64)
+        fraction = bits.to(tl.float64, bitcast=True)
         count = tl.load(count_ptr)
         position = fraction * tl.maximum(count - 1, 0).to(tl.float64)  # numpy's "linear": (count - 1) q
         lower = tl.floor(position)
@@ -155,7 +157,8 @@ if triton is not None:
 
 
 def _float64_bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", value))[0]
+    """The bits of a float64 as a signed int64 (+ 0.0 turns -0.0, whose bits are 2**63, into 0.0)."""
+    return struct.unpack("<q", struct.pack("<d", value + 0.0))[0]
 
 
 def launch_triton_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractions: list) -> torch.Tensor:
