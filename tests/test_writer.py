@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +218,35 @@ def test_webdataset_reads_the_shards_as_samples(tmp_path):
     assert all({"png", "seg.png"} <= set(s) for s in samples)
     expected_mask = _random_sample(np.random.default_rng(3), "k03")[1]
     assert np.array_equal(np.array(Image.open(io.BytesIO(samples[3]["seg.png"]))), expected_mask)
+
+
+def _marking_loader(key, marks_dir):
+    """A picklable loader: 50 ms per sample, leaves a file per encoded sample in marks_dir; sample 'a' is bad."""
+    import time
+
+    time.sleep(0.05)
+    if key == "a":
+        raise ShardWriteError(f"sample {key!r}: bad")
+    (Path(marks_dir) / key).touch()
+    return key
+
+
+def test_a_bad_sample_or_an_early_stop_winds_the_worker_pool_down(tmp_path):
+    """A worker's error reaches the caller, and the pool winds down without killing a worker (a
+    multiprocessing.Pool could hang in terminate() here): the samples not yet started are cancelled, so far fewer
+    than the 400 after the bad one get encoded; likewise when the caller stops reading early."""
+    from u2pl_scale.data.writer import encode_samples
+
+    for case in ("error", "early stop"):
+        marks = tmp_path / case.replace(" ", "_")
+        marks.mkdir()
+        records = [("a", str(marks))] * (case == "error") + [(f"c{i:03d}", str(marks)) for i in range(400)]
+        samples = encode_samples(records, _marking_loader, workers=2, progress=False)
+        if case == "error":
+            with pytest.raises(ShardWriteError, match="sample 'a': bad"):
+                next(samples)
+        else:
+            assert next(samples) == "c000"
+            samples.close()
+        encoded = len(list(marks.iterdir()))
+        assert encoded < 300, (case, encoded)  # chunks of 25: the running and queued ones finish, no more

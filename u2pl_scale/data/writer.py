@@ -10,6 +10,7 @@ names), so the same input gives byte-identical shards whatever the number of enc
 """
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import hashlib
 import io
@@ -346,10 +347,19 @@ def encode_samples(records: Iterable[tuple[str, Any]], loader: SampleLoader, wor
         # Workers run only numpy/PIL code, so fork is safe on Linux and skips re-importing the package
         # (and torch with it) in every worker; elsewhere fork is unsafe and spawn is the default.
         start_method = "fork" if sys.platform == "linux" else "spawn"
-        with multiprocessing.get_context(start_method).Pool(workers) as pool:
-            for sample in pool.imap(task, ordered, chunksize=chunksize):
+        # A ProcessPoolExecutor, not a multiprocessing.Pool: on an error (a bad sample) or an early stop, the Pool's
+        # terminate() kills workers that may hold its result queue's lock, after which it waits for that lock
+        # forever (a CI run hung 10 minutes in it). Here the pending tasks are cancelled and the running ones
+        # finish; no worker is killed.
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method))
+        results = pool.map(task, ordered, chunksize=chunksize)
+        try:
+            for sample in results:
                 yield sample
                 bar.update()
+        finally:
+            results.close()  # cancels the chunks not started
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_split(out_dir: Union[str, Path], split: str, dataset: str, records: Iterable[tuple[str, Any]],
