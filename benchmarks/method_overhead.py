@@ -197,7 +197,7 @@ def count_ops(shape: str) -> None:
     print("| shape | device path ops per step (forward + backward, meta device) |")
     print("| --- | --- |")
     print(f"| {shape} | {sum(counter.where.values())} |")
-    print(f"| {shape}, CUDA with Triton (its kernels in the queue push and percentiles counted as ops) | {triton_ops} |")
+    print(f"| {shape}, CUDA with Triton (the queue push's and percentiles' kernels counted as ops) | {triton_ops} |")
     print()
     print("| ops | where |")
     print("| --- | --- |")

@@ -25,8 +25,9 @@ Differences from the published code, on purpose:
   with the sampled negatives, which then run in bf16 with fp32 accumulation.
 - Ties in the teacher's ranking rank the lower class index first (a stable descending sort); the published topk
   left them unspecified. On the device path one stable sort of each pixel's classes orders them, and the
-  negatives' rank window is scattered through that order (_rank_window); on CPU from k rounds of a max over the fp32 values (a 21-long sort or topk per pixel is several times
-  slower there), where only pixels with a tie at the k-th value are redone from (value bits, class index) keys.
+  negatives' rank window is scattered through that order (_rank_window); on CPU the ranks come from k rounds of a
+  max over the fp32 values (a 21-long sort or topk per pixel is several times slower there), where only pixels
+  with a tie at the k-th value are redone from (value bits, class index) keys.
 
 How it is computed (same values as the batched [N, C, hw]-mask formulation, measured several times cheaper on CPU):
 - prototype and anchor membership are one label per pixel (a pixel belongs to at most its own class): class sums

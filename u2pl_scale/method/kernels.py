@@ -188,7 +188,7 @@ def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractio
 
 PERCENTILE_SLOTS = 4
 PUSH_BLOCK_ROWS = 64
-_triton_failed: list[str] = []  # the error of a Triton launch that failed once (then index_copy_ from there on)
+_triton_failed: list[str] = []  # the error of a Triton launch that failed once (then torch ops from there on)
 
 
 def _uses_triton(dst: torch.Tensor) -> bool:
@@ -210,7 +210,7 @@ def push_rows_(buffer: torch.Tensor, features: torch.Tensor, mask_cn: torch.Tens
 
 
 def _warn_failed(error: Exception) -> None:
-    """A Triton that cannot build a kernel here: say so once; the queue push copies the slow way from then on."""
+    """A Triton that cannot build a kernel here: say so once; every kernel here gives way to torch ops from then on."""
     _triton_failed.append(f"{type(error).__name__}: {error}")
     warnings.warn(f"u2pl_scale: a Triton kernel of the method failed ({_triton_failed[0][:500]}); the method uses "
                   "torch ops instead from now on (the queue push compacts its pairs and copies them with "
