@@ -289,14 +289,14 @@ class _GatherRowsCPU(torch.autograd.Function):
         return grad.view(batch, height, width, dim).permute(0, 3, 1, 2), None
 
 
-def _inverse_norm(rows: torch.Tensor) -> torch.Tensor:
-    """1 / max(|row|, 1e-12) over the last dim (kept), F.normalize's denominator. No autograd: in-place."""
-    return torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-
-
 def _unit_rows(rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.normalize(rows, dim=-1) as one multiply by the inverse norm (a divide per element costs more)."""
-    return torch.mul(rows, _inverse_norm(rows), out=out)
+    """F.normalize(rows, dim=-1), whose denominator is max(|row|, 1e-12). No autograd: in place. On the CPU host
+    path one multiply by the inverse norm (a divide per element costs more there); elsewhere F.normalize's divide
+    (three kernels)."""
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min_(1e-12)
+    if host_path(rows.device):
+        return torch.mul(rows, norm.reciprocal_(), out=out)
+    return torch.div(rows, norm, out=out)
 
 
 def _gather_pixels(features: torch.Tensor, pixel_index: torch.Tensor) -> torch.Tensor:
@@ -494,12 +494,7 @@ def contrastive_prepare(
             pixels_per_class = one_hot.sum(1)
             sums = torch.mm(one_hot, rows)
         class_present = pixels_per_class > 0
-        push_rows = reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device)
-        if host_path(rows.device):  # one multiply by the inverse norm (a divide per element costs more on CPU)
-            unit_rows = _unit_rows(rows, out=push_rows)
-        else:  # F.normalize, three kernels
-            unit_rows = torch.div(rows, torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min_(1e-12),
-                                  out=push_rows)
+        unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
         negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
         return ContrastivePrepared(pixel, sums, pixels_per_class, class_present, class_present.sum(),
                                    unit_rows.to(queue_dtype), negative_pc)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +37,7 @@ from .buffers import constant_arange
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs may lack Triton: the index_copy_ path serves every device
+except ImportError:  # CPU-only installs may lack Triton: the torch ops serve every device
     triton = None
 
 BLOCK_ROWS = 16
@@ -173,17 +174,13 @@ def launch_triton_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, 
     return out
 
 
-def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractions) -> torch.Tensor | None:
-    """launch_triton_percentiles where Triton runs it, in eager code and for Python fractions; None (the caller
-    computes them with torch ops) otherwise, or after a Triton launch failed once (warned)."""
-    if (not _uses_triton(sorted_values) or torch.compiler.is_compiling() or torch.is_tensor(fractions)
-            or not 0 < len(fractions) <= PERCENTILE_SLOTS or sorted_values.dtype != torch.float32):
+def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractions: list) -> torch.Tensor | None:
+    """launch_triton_percentiles where Triton runs it (see _run_triton) and takes these fractions; None (the caller
+    computes them with torch ops) otherwise."""
+    if not 0 < len(fractions) <= PERCENTILE_SLOTS or sorted_values.dtype != torch.float32:
         return None
-    try:
-        return launch_triton_percentiles(sorted_values, count, fractions)
-    except Exception as error:
-        _warn_failed(error)
-        return None
+    ran, out = _run_triton(sorted_values, launch_triton_percentiles, sorted_values, count, fractions)
+    return out if ran else None
 
 
 PERCENTILE_SLOTS = 4
@@ -197,34 +194,32 @@ def _uses_triton(dst: torch.Tensor) -> bool:
 
 def push_rows_(buffer: torch.Tensor, features: torch.Tensor, mask_cn: torch.Tensor, rank_in_class: torch.Tensor,
                write_ptr: torch.Tensor, fill: torch.Tensor, capacities: torch.Tensor, offsets: torch.Tensor) -> bool:
-    """The fused queue push (launch_triton_push) where Triton runs it, in eager code: True if it ran. False (the
-    caller compacts the pairs instead) off CUDA, while traced, or after a Triton launch failed once (warned)."""
-    if not _uses_triton(buffer) or torch.compiler.is_compiling():
-        return False
+    """The fused queue push (launch_triton_push) where Triton runs it (see _run_triton): True if it ran; False, and
+    the caller compacts the pairs instead, otherwise."""
+    return _run_triton(buffer, launch_triton_push, buffer, features, mask_cn, rank_in_class, write_ptr, fill,
+                       capacities, offsets)[0]
+
+
+def _run_triton(tensor: torch.Tensor, launch: Callable, *args) -> tuple[bool, Any]:
+    """(True, launch(*args)) where a Triton kernel can run for `tensor` (CUDA with Triton) and the code is not being
+    traced (compiled code takes the torch ops); (False, None) otherwise, and from the first failed launch on (a
+    Triton that cannot build a kernel here: warned once, then every kernel here gives way to torch ops)."""
+    if not _uses_triton(tensor) or torch.compiler.is_compiling():
+        return False, None
     try:
-        launch_triton_push(buffer, features, mask_cn, rank_in_class, write_ptr, fill, capacities, offsets)
-        return True
+        return True, launch(*args)
     except Exception as error:
-        _warn_failed(error)
-        return False
-
-
-def _warn_failed(error: Exception) -> None:
-    """A Triton that cannot build a kernel here: say so once; every kernel here gives way to torch ops from then on."""
-    _triton_failed.append(f"{type(error).__name__}: {error}")
-    warnings.warn(f"u2pl_scale: a Triton kernel of the method failed ({_triton_failed[0][:500]}); the method uses "
-                  "torch ops instead from now on (the queue push compacts its pairs and copies them with "
-                  "index_copy_; correct, slower)", RuntimeWarning, stacklevel=4)
+        _triton_failed.append(f"{type(error).__name__}: {error}")
+        warnings.warn(f"u2pl_scale: a Triton kernel of the method failed ({_triton_failed[0][:500]}); the method "
+                      "uses torch ops instead from now on (the queue push compacts its pairs and copies them with "
+                      "index_copy_; correct, slower)", RuntimeWarning, stacklevel=3)
+        return False, None
 
 
 def _copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
                count: torch.Tensor, spare_row: int) -> None:
-    if _uses_triton(dst):
-        try:
-            launch_triton(dst, dst_index, src, src_index, count)
-            return
-        except Exception as error:
-            _warn_failed(error)
+    if _run_triton(dst, launch_triton, dst, dst_index, src, src_index, count)[0]:
+        return
     if spare_row >= 0:  # the entries from `count` on are written to the spare row
         padding = constant_arange(dst_index.shape[0], dst_index.device) >= count
         dst_index = dst_index.masked_fill(padding, spare_row)

@@ -162,10 +162,15 @@ def _percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
     ordered = masked.reshape(-1) if masked is not None else torch.where(valid, flat, float("inf"))
     sorted_values = torch.sort(ordered).values
     if not torch.is_tensor(qs):  # CUDA with Triton: then one kernel (kernels.launch_triton_percentiles)
-        selected = select_percentiles(sorted_values, count, [min(max(float(q), 0.0), 100.0) / 100.0 for q in qs])
+        selected = select_percentiles(sorted_values, count, _fractions(qs))
         if selected is not None:
             return selected, count
     return _interpolated(lambda bounds: sorted_values[bounds], count, qs), count
+
+
+def _fractions(qs: Sequence[Number]) -> list[float]:
+    """Percentiles given as Python numbers as fractions in [0, 1] (q outside [0, 100] clamps to the ends)."""
+    return [min(max(float(q), 0.0), 100.0) / 100.0 for q in qs]
 
 
 def _interpolated(take, count: torch.Tensor, qs: Union[Sequence[Number], torch.Tensor]) -> torch.Tensor:
@@ -174,7 +179,7 @@ def _interpolated(take, count: torch.Tensor, qs: Union[Sequence[Number], torch.T
     if torch.is_tensor(qs):
         position = qs.to(device=count.device, dtype=torch.float64).reshape(-1).clamp(0.0, 100.0) / 100.0 * last
     else:  # python numbers: scalar arithmetic on the device tensor, no host-to-device copy
-        position = torch.stack([last * (min(max(float(q), 0.0), 100.0) / 100.0) for q in qs])
+        position = torch.stack([last * f for f in _fractions(qs)])
     # 0 <= position <= last (q outside [0, 100] clamps to the ends), so floor and ceil are valid positions
     fraction = torch.frac(position).float()
     lower_value, upper_value = take(torch.cat([position, position.ceil()]).long()).chunk(2)  # .long() floors here
@@ -205,18 +210,33 @@ def drop_unreliable(
         valid = pseudo_labels != ignore_index
     if valid_count is None:
         valid_count = valid.sum()
-    unreliable = (entropy_map >= threshold) & valid
-    reliable_labels = torch.where(unreliable, ignore_index, pseudo_labels)
-    return reliable_labels, valid_count - unreliable.sum()
+    return _drop_masked(pseudo_labels, _nan_where_invalid(entropy_map, valid), threshold, ignore_index, valid_count)
 
 
 def entropy_masks(
     entropy_map: torch.Tensor, valid_mask: torch.Tensor, low_threshold: torch.Tensor, high_threshold: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-entropy (H <= low) and high-entropy (H >= high) masks, both restricted to valid pixels (spec section 6)."""
-    low = (entropy_map <= low_threshold) & valid_mask
-    high = (entropy_map >= high_threshold) & valid_mask
-    return low, high
+    return _split_masked(_nan_where_invalid(entropy_map, valid_mask), low_threshold, high_threshold)
+
+
+def _nan_where_invalid(entropy_map: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The entropies (fp32) with NaN at the invalid pixels: every comparison with a threshold is False there, so
+    the masks below need no `& valid`."""
+    return torch.where(valid, entropy_map.float(), float("nan"))
+
+
+def _drop_masked(pseudo_labels: torch.Tensor, masked: torch.Tensor, threshold: torch.Tensor, ignore_index: int,
+                 valid_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drop_unreliable from the entropies with NaN at the invalid pixels (_nan_where_invalid)."""
+    unreliable = masked >= threshold
+    return torch.where(unreliable, ignore_index, pseudo_labels), valid_count - unreliable.sum()
+
+
+def _split_masked(masked: torch.Tensor, low_threshold: torch.Tensor,
+                  high_threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """entropy_masks from the entropies with NaN at the invalid pixels (_nan_where_invalid)."""
+    return masked <= low_threshold, masked >= high_threshold
 
 
 @dataclass
@@ -254,16 +274,12 @@ def reliability(
     if entropy_map is None:
         entropy_map = entropy_from_logits(teacher_logits_u)
     valid = pseudo_labels != ignore_index
-    # NaN at the ignored pixels: every comparison with a threshold is False there, so the masks below need no
-    # `& valid` (drop_unreliable and entropy_masks, one pass fewer each)
-    masked = torch.where(valid, entropy_map.float(), float("nan"))
+    masked = _nan_where_invalid(entropy_map, valid)  # also the percentiles' sort input (NaN sorts last)
     thresholds, valid_count = _percentiles_and_count(
         entropy_map, valid, _as_percent_list(100.0 - drop_percent, alpha_t, 100.0 - alpha_t), masked=masked)
     drop_threshold, low_threshold, high_threshold = thresholds[0], thresholds[1], thresholds[2]
-    unreliable = masked >= drop_threshold
-    reliable_labels = torch.where(unreliable, ignore_index, pseudo_labels)
-    kept_count = valid_count - unreliable.sum()
-    low, high = masked <= low_threshold, masked >= high_threshold
+    reliable_labels, kept_count = _drop_masked(pseudo_labels, masked, drop_threshold, ignore_index, valid_count)
+    low, high = _split_masked(masked, low_threshold, high_threshold)
     return Reliability(entropy_map, reliable_labels, kept_count, valid_count, drop_threshold, low, high)
 
 
