@@ -320,15 +320,16 @@ def main() -> None:
     # the model's part of the step alone (no method), before anything compiled has run and again after every timed
     # phase: whether compiling the method (or a probe) slows the process's other work, which the interleaved
     # with / without pairs below cannot see (both sides run in the same, possibly slowed, process)
+    def synced_seconds(step_fn) -> float:
+        """One call of step_fn, timed from an idle device to an idle device."""
+        sync(device)
+        start = time.perf_counter()
+        step_fn()
+        sync(device)
+        return time.perf_counter() - start
+
     def model_only_median():
-        times = []
-        for _ in range(args.steps):
-            sync(device)
-            start = time.perf_counter()
-            real_step_without_method()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(synced_seconds(real_step_without_method) for _ in range(args.steps))
 
     def host_probe():
         """Two host costs of this process, beside the model-only step: microseconds per launch of a tiny op (the
@@ -398,11 +399,7 @@ def main() -> None:
     for i in range(args.steps):
         pair = ((real_step, with_method), (real_step_without_method, without_method))
         for step_fn, out in (pair if i % 2 == 0 else pair[::-1]):
-            sync(device)
-            start = time.perf_counter()
-            step_fn()
-            sync(device)
-            out.append(time.perf_counter() - start)
+            out.append(synced_seconds(step_fn))
     with_median, without_median = statistics.median(with_method), statistics.median(without_method)
     pair_margins = sorted(1 - b / a for a, b in zip(with_method, without_method))
 

@@ -1,6 +1,6 @@
-"""GPU-only paths: the sync-free queue push (fused and compacted) and the percentiles' Triton kernel, no host sync inside the U2PL step (eager, and with the method
-compiled), a CUDA training run with bf16, channels-last and torch.compile. Skipped without a CUDA device (this
-project's CI has none)."""
+"""GPU-only paths: the sync-free queue push (fused and compacted) and the percentiles' Triton kernel, no host sync
+inside the U2PL step (eager, and with the method compiled or captured by hand), a CUDA training run with bf16,
+channels-last and torch.compile. Skipped without a CUDA device (this project's CI has none)."""
 import contextlib
 import json
 from pathlib import Path
@@ -135,66 +135,19 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
         assert torch.isfinite(graphs["contra"]) and graphs["contra"] > 0
 
 
-def test_method_captured_by_hand_replays_the_eager_method():
-    """compile_method_mode=cuda-graph (engine/graphed.py) against the eager method over three steps with new inputs
-    each and the same seeds (the first captures, after two warm-up runs it undoes): losses, gradients and queues
-    equal, the contrastive loss too (a captured graph draws from the default generator as the eager ops do); the
-    replayed steps do not synchronise with the host and launch the graphs, not the eager ops."""
-    from test_compile_method import make_inputs, step_config
+def _captured_against_eager(runs: dict, check_profile=None) -> None:
+    """runs = {"graph": fn, "eager": fn}, fn(inputs, queues, progress) -> (unsup, contra, reliable ratio): three
+    steps with new inputs each and the same seeds, each on its own CUDA copy of test_graphed_method's queues.
+    Losses, gradients and queues equal; the graph's steps after the capturing one do not synchronise with the host;
+    `check_profile(prof)` checks a profile of the graph's last step, if given."""
+    from test_compile_method import make_inputs
     from test_graphed_method import big_queues
 
-    sc_graph, sc_eager = step_config(), step_config()
-    sc_graph.compile_method_mode, sc_eager.compile_method = "cuda-graph", False
-    queues = {name: ClassQueues(big_queues().num_classes, big_queues().dim, big_queues().capacity_list,
-                                device="cuda") for name in ("graph", "eager")}
-    for q in queues.values():
-        q.load_state_dict({k: v.cuda() for k, v in big_queues().state_dict().items()})
-    for step, progress in enumerate((0.1, 0.5, 0.9)):
-        inputs = [t.cuda() for t in make_inputs(step, 0)[:7]]
-        results = {}
-        for name, sc in (("graph", sc_graph), ("eager", sc_eager)):
-            pred = inputs[0].detach().clone().requires_grad_()
-            rep = inputs[1].detach().clone().requires_grad_()
-            torch.manual_seed(100 + step)
-            prof = torch.profiler.profile() if step == 2 and name == "graph" else None
-            if step > 0 and name == "graph":
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                with prof or contextlib.nullcontext():
-                    unsup, contra, reliable = run_method_losses(sc, pred, rep, *inputs[2:], queues[name], progress)
-                    (2.0 * unsup + 0.5 * contra).backward()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-            torch.cuda.synchronize()
-            if prof is not None:
-                runs = method_runs_in_profile(prof)
-                assert runs["graph_launches"] >= 2 and runs["eager"] == 0 and runs["compiled"] == 0, runs
-            results[name] = dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(),
-                                 grad_pred=pred.grad, grad_rep=rep.grad, buffer=queues[name].buffer.clone(),
-                                 write_ptr=queues[name].write_ptr.clone(), fill=queues[name].fill.clone())
-        graph, eager = results["graph"], results["eager"]
-        for key in ("unsup", "reliable", "grad_pred", "write_ptr", "fill", "contra", "grad_rep", "buffer"):
-            torch.testing.assert_close(graph[key], eager[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
-
-
-def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eager_method():
-    """The world-size > 1 form of compile_method_mode=cuda-graph (two forward graphs, the queues' gather eager
-    between them, one backward graph) on one GPU, with a gather that plays a second rank sending the same rows:
-    equal to the eager method pushing the same rows over three steps; replays do not synchronise with the host."""
-    from test_compile_method import make_inputs, step_config
-    from test_graphed_method import big_queues, eager_with_duplicated_push, split_parts
-    from u2pl_scale.engine.graphed import GraphCache
-    from u2pl_scale.engine.step import method_losses
-
-    sc = step_config()
-    cache = GraphCache(method_losses, parts=split_parts(), world=2)
-    runs = {"graph": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
-            "eager": eager_with_duplicated_push(sc)}
+    template = big_queues()
     queues = {}
     for name in runs:
-        queues[name] = ClassQueues(big_queues().num_classes, big_queues().dim, big_queues().capacity_list,
-                                   device="cuda")
-        queues[name].load_state_dict({k: v.cuda() for k, v in big_queues().state_dict().items()})
+        queues[name] = ClassQueues(template.num_classes, template.dim, template.capacity_list, device="cuda")
+        queues[name].load_state_dict({k: v.cuda() for k, v in template.state_dict().items()})
     for step, progress in enumerate((0.1, 0.5, 0.9)):
         inputs = [t.cuda() for t in make_inputs(step, 0)[:7]]
         results = {}
@@ -202,20 +155,58 @@ def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eag
             pred = inputs[0].detach().clone().requires_grad_()
             rep = inputs[1].detach().clone().requires_grad_()
             torch.manual_seed(100 + step)
+            prof = torch.profiler.profile() if check_profile and step == 2 and name == "graph" else None
             if step > 0 and name == "graph":
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                unsup, contra, reliable = run((pred, rep, *inputs[2:]), queues[name], progress)
-                (2.0 * unsup + 0.5 * contra).backward()
+                with prof or contextlib.nullcontext():
+                    unsup, contra, reliable = run((pred, rep, *inputs[2:]), queues[name], progress)
+                    (2.0 * unsup + 0.5 * contra).backward()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
+            if prof is not None:
+                check_profile(prof)
             results[name] = dict(unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(),
                                  grad_pred=pred.grad, grad_rep=rep.grad, buffer=queues[name].buffer.clone(),
                                  write_ptr=queues[name].write_ptr.clone(), fill=queues[name].fill.clone())
         for key in ("unsup", "reliable", "grad_pred", "write_ptr", "fill", "contra", "grad_rep", "buffer"):
             torch.testing.assert_close(results["graph"][key], results["eager"][key], rtol=1e-5, atol=1e-6,
                                        msg=f"step {step}: {key}")
+
+
+def test_method_captured_by_hand_replays_the_eager_method():
+    """compile_method_mode=cuda-graph (engine/graphed.py) against the eager method over three steps with new inputs
+    each and the same seeds (the first captures, after two warm-up runs it undoes): losses, gradients and queues
+    equal, the contrastive loss too (a captured graph draws from the default generator as the eager ops do); the
+    replayed steps do not synchronise with the host and launch the graphs, not the eager ops."""
+    from test_compile_method import step_config
+
+    sc_graph, sc_eager = step_config(), step_config()
+    sc_graph.compile_method_mode, sc_eager.compile_method = "cuda-graph", False
+
+    def check_profile(prof):
+        runs = method_runs_in_profile(prof)
+        assert runs["graph_launches"] >= 2 and runs["eager"] == 0 and runs["compiled"] == 0, runs
+
+    _captured_against_eager(
+        {name: (lambda inputs, queues, progress, sc=sc: run_method_losses(sc, *inputs, queues, progress))
+         for name, sc in (("graph", sc_graph), ("eager", sc_eager))}, check_profile)
+
+
+def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eager_method():
+    """The world-size > 1 form of compile_method_mode=cuda-graph (two forward graphs, the queues' gather eager
+    between them, one backward graph) on one GPU, with a gather that plays a second rank sending the same rows:
+    equal to the eager method pushing the same rows over three steps; replays do not synchronise with the host."""
+    from test_compile_method import step_config
+    from test_graphed_method import eager_with_duplicated_push, split_parts
+    from u2pl_scale.engine.graphed import GraphCache
+    from u2pl_scale.engine.step import method_losses
+
+    sc = step_config()
+    cache = GraphCache(method_losses, parts=split_parts(), world=2)
+    _captured_against_eager({"graph": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
+                             "eager": eager_with_duplicated_push(sc)})
     (graphed,) = cache.graphs.values()
     assert graphed.split and len(graphed.stages) == 2
 
