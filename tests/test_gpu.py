@@ -18,9 +18,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("max_pairs", [None, 2000], ids=["fused-triton-push", "compacted-triton-row-copy"])
-def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs):
+def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs, monkeypatch):
     """Eager pushes on CUDA run the fused Triton push (kernels.launch_triton_push); with max_pairs (2000 drops
-    nothing here) the compacted push and its Triton row copy."""
+    nothing here) the compacted push and its Triton row copy (kernels.launch_triton). Both must have run, with no
+    fallback to torch ops (which would pass the comparison too)."""
+    from u2pl_scale.method import kernels
+
+    name = "launch_triton_push" if max_pairs is None else "launch_triton"
+    launches, launch = [], getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: (launches.append(1), launch(*a))[1])
     g = torch.Generator().manual_seed(0)
     features = torch.randn(500, 8, generator=g)
     mask = torch.rand(500, 4, generator=g) < 0.3
@@ -30,6 +36,7 @@ def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs):
     for _ in range(3):
         cpu.push(features, mask)
         gpu.push(features.cuda(), mask.cuda(), max_pairs=max_pairs)
+    assert len(launches) == 3 and not kernels._triton_failed, kernels._triton_failed
     for key, value in cpu.state_dict().items():
         assert torch.equal(value, gpu.state_dict()[key].cpu()), key
 

@@ -5,6 +5,7 @@ The Triton kernels (used on CUDA devices) run here in Triton's interpreter on CP
 TRITON_INTERPRET is read when the kernel is defined; tests/test_gpu.py runs them compiled on a GPU (the push
 directly, the percentiles inside the method's steps).
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -216,3 +217,84 @@ def test_triton_percentiles_equal_the_torch_ops_and_numpy(tmp_path):
         assert r["count"] == r["valid"], case
         assert torch.equal(r["fused"], r["torch_ops"]), (case, r["fused"], r["torch_ops"])
         torch.testing.assert_close(r["fused"].double(), r["reference"], rtol=1e-6, atol=1e-6)
+
+
+@contextlib.contextmanager
+def compile_only_for(arch: int):
+    """Inside, every Triton launch compiles its kernel for a CUDA GPU of compute capability `arch` (Triton's
+    compiler and the ptxas it ships run without a GPU), with the arguments the caller passed (CPU tensors stand in
+    for device ones: a pointer's type and 16-byte alignment are what Triton specialises on), and launches nothing;
+    yields the list of (kernel name, grid, compiled kernel). Triton's interpreter runs the kernels' Python, not
+    their compilation, so this is what catches a kernel that the interpreter runs but the compiler rejects (types
+    it infers differently, an op it cannot lower) before a GPU does. Uses Triton's launch internals (the active
+    driver, JITFunction.__getitem__ and warmup, which compiles without launching)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    device_key = f"u2pl-compile-only-sm{arch}"
+
+    class CompileOnlyDriver:  # the "current device" of a launch: a target to compile for, nothing to run on
+        def get_current_device(self):
+            return device_key
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    compiled, functions = [], set()
+
+    def compile_at_launch(kernel, grid):
+        def launch(*args, **kwargs):
+            functions.add(kernel)
+            compiled.append((kernel.fn.__name__, grid, kernel.warmup(*args, grid=grid, **kwargs)))
+        return launch
+
+    saved_driver, saved_getitem = driver._active, JITFunction.__getitem__
+    driver.set_active(CompileOnlyDriver())
+    JITFunction.__getitem__ = compile_at_launch
+    try:
+        yield compiled
+    finally:
+        driver._active, JITFunction.__getitem__ = saved_driver, saved_getitem
+        for kernel in functions:
+            kernel.device_caches.pop(device_key, None)
+
+
+@pytest.mark.parametrize("arch", [80, 90, 100], ids=["sm80-A100", "sm90-H100-H200", "sm100-B200"])
+def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(arch, monkeypatch):
+    """Each of the method's Triton kernels compiled (to a cubin) for A100, H100/H200 and B200 with the arguments
+    its callers pass: one eager method step on the device path (percentiles, fused queue push; fp32 queues), the
+    fused push into bf16 queues of dim 256 (one column block) and 300 (two), the compacted push's row copy
+    (max_pairs) into fp32 and bf16 queues, and percentile fractions whose bits all fit in 32 bits (Triton then
+    types every fraction argument i32)."""
+    pytest.importorskip("triton")
+    from test_compile_method import make_inputs, step_config
+    from u2pl_scale.engine.step import method_losses
+    from u2pl_scale.method import kernels
+    from u2pl_scale.method.paths import device_path_on_cpu
+    from u2pl_scale.method.queues import ClassQueues
+
+    monkeypatch.setattr(kernels, "_triton_failed", [])
+    monkeypatch.setattr(kernels, "_uses_triton", lambda tensor: True)  # as on a CUDA device
+    g = torch.Generator().manual_seed(0)
+    with compile_only_for(arch) as compiled, device_path_on_cpu():
+        pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(0, 0)
+        method_losses(step_config(), pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, 0.3)
+        for dim, dtype, max_pairs in ((256, torch.bfloat16, None), (300, torch.bfloat16, None),
+                                      (256, torch.float32, 500), (300, torch.bfloat16, 500)):
+            bf16_queues = ClassQueues(21, dim, [500] * 21, dtype=dtype)
+            bf16_queues.compaction = "static"
+            bf16_queues.push(torch.randn(64, dim, generator=g), torch.rand(64, 21, generator=g) < 0.3,
+                             max_pairs=max_pairs)
+        kernels.launch_triton_percentiles(torch.rand(100).sort().values, torch.tensor(100), [0.0, -0.0])
+    assert not kernels._triton_failed, kernels._triton_failed
+    names = [name for name, _, _ in compiled]
+    assert names.count("_percentile_kernel") == 2  # the step's three percentiles (one launch) and the direct call
+    assert names.count("_push_kernel") == names.count("_advance_kernel") == 3
+    assert names.count("_copy_rows_kernel") == 2
+    for name, grid, kernel in compiled:
+        assert kernel.metadata.target.arch == arch, name
+        assert len(kernel.asm["cubin"]) > 0, name
