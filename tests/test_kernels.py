@@ -264,12 +264,12 @@ def compile_only_for(arch: int):
 
 
 @pytest.mark.parametrize("arch", [80, 90, 100], ids=["sm80-A100", "sm90-H100-H200", "sm100-B200"])
-def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(arch, monkeypatch):
+def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(arch, monkeypatch, tmp_path):
     """Each of the method's Triton kernels compiled (to a cubin) for A100, H100/H200 and B200 with the arguments
     its callers pass: one eager method step on the device path (percentiles, fused queue push; fp32 queues), the
     fused push into bf16 queues of dim 256 (one column block) and 300 (two), the compacted push's row copy
     (max_pairs) into fp32 and bf16 queues, and percentile fractions whose bits all fit in 32 bits (Triton then
-    types every fraction argument i32)."""
+    types every fraction argument i32); and none spills registers."""
     pytest.importorskip("triton")
     from test_compile_method import make_inputs, step_config
     from u2pl_scale.engine.step import method_losses
@@ -297,4 +297,22 @@ def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(ar
     assert names.count("_copy_rows_kernel") == 2
     for name, grid, kernel in compiled:
         assert kernel.metadata.target.arch == arch, name
-        assert len(kernel.asm["cubin"]) > 0, name
+        usage = resource_usage(kernel.asm["cubin"], tmp_path)
+        # no register spills (a 64 x 256 fp32 tile in the push once took all 255 registers and spilled)
+        assert usage["STACK"] == 0 and usage["LOCAL"] == 0, (name, usage)
+
+
+def resource_usage(cubin: bytes, tmp_path: Path) -> dict:
+    """{"REG": registers per thread, "STACK": bytes, "LOCAL": bytes, ...} of a cubin's one kernel, as the
+    cuobjdump that Triton ships reports them."""
+    import re
+
+    import triton
+
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    assert "REG" in usage, out
+    return usage

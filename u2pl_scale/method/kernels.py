@@ -126,7 +126,7 @@ def launch_triton_push(buffer: torch.Tensor, features: torch.Tensor, mask_cn: to
     if features.stride(1) != 1 or buffer.stride(1) != 1 or rank_in_class.stride(1) != 1:
         raise ValueError("the Triton push needs rows with contiguous columns")
     dim = buffer.shape[1]
-    block_d = min(triton.next_power_of_2(dim), 256)
+    block_d = min(triton.next_power_of_2(dim), PUSH_BLOCK_D)
     grid = (triton.cdiv(num_rows, PUSH_BLOCK_ROWS), num_classes)
     mask = mask_cn.view(torch.uint8)
     _push_kernel[grid](buffer, features, mask, rank_in_class, write_ptr, capacities, offsets, num_rows, dim,
@@ -185,6 +185,9 @@ def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractio
 
 PERCENTILE_SLOTS = 4
 PUSH_BLOCK_ROWS = 64
+# columns per iteration of the push: a 64 x 64 tile is 32 values per thread of its 4 warps; a 64 x 256 tile took
+# all 255 registers and spilled (sm90, fp32; tests/test_kernels.py checks the compiled resource usage)
+PUSH_BLOCK_D = 64
 _triton_failed: list[str] = []  # the error of a Triton launch that failed once (then torch ops from there on)
 
 
