@@ -34,7 +34,12 @@ def test_demo_run_writes_a_complete_run_dir(demo_shards, tmp_path):
     for key in ("miou", "per_class_iou", "steps", "wall_s", "images_per_s", "eval_mode", "bad_samples"):
         assert key in summary
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
-    assert load_config(run_dir / "config.yaml").train.epochs == 3  # the resolved config reloads
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.train.epochs == 3  # the resolved config reloads
+    # demo.yaml asks for precision auto: bf16 on a CPU that runs it natively, else fp32, recorded as run
+    from u2pl_scale.engine.precision import native_bf16
+    expected = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert resolved.train.precision == summary["precision"] == expected
     train_lines = [m for m in read_metrics(run_dir) if m["kind"] == "train"]
     assert [m["step"] for m in train_lines] == list(range(1, 13))
     assert {m["phase"] for m in train_lines[:4]} == {"sup-only"} and {m["phase"] for m in train_lines[4:]} == {"u2pl"}

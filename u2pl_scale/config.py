@@ -138,7 +138,7 @@ class TrainConfig:
     epochs: int = 80
     max_steps: int = 0  # 0 = no cap
     seed: int = 0
-    precision: str = "bf16"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 where the device runs it natively, else fp32
     channels_last: bool = True
     compile: bool = False
     compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
@@ -187,7 +187,7 @@ _CHOICES = {
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "optim.name": ("sgd", "adamw"),
     "eval.mode": ("whole", "sliding"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "engine.backend": ("ddp", "deepspeed"),
     "method.contrastive.queue_dtype": ("float32", "bfloat16", "float16"),

@@ -10,7 +10,8 @@ The pretraining set is generated, never taken from the demo: single-object image
 the demo's train and val streams) labeled with the object's SHAPE and TEXTURE (5 + 5 classes, two linear heads on
 the pooled features). Hue is uniform over the whole circle and texture independent of shape, so the demo's
 classes (shape + usual texture + hue family, on images with several objects) are not the pretraining labels, just
-as VOC's classes are not ImageNet's. Deterministic for a given seed, steps and thread count. The weights are saved
+as VOC's classes are not ImageNet's. Deterministic for a given seed, steps, thread count and precision (bf16 under
+autocast where the CPU runs it natively, else fp32: engine.precision.native_bf16). The weights are saved
 as safetensors (no pickle) with a JSON sidecar holding the settings and held-out accuracies.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_path, write_json_atomic
+from ..engine.precision import native_bf16
 from . import demo
 
 PRETRAIN_STREAM = 7  # demo.generate_sample uses streams 0 (train) and 1 (val)
@@ -90,8 +92,11 @@ def pretrain_backbone(out_path: Union[str, Path], settings: PretrainSettings = P
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
 
+    # bf16 where this CPU runs it natively; emulated bf16 (AVX2-only CPUs) is about 12x slower than fp32
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+
     def logits(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             pooled = backbone(x)[-1].float().mean((2, 3))
         return head(pooled)
 
@@ -121,6 +126,7 @@ def pretrain_backbone(out_path: Union[str, Path], settings: PretrainSettings = P
         "settings": asdict(settings),
         "held_out_shape_accuracy": float((out[:, : len(demo.SHAPES)].argmax(1) == shape_true).float().mean()),
         "held_out_texture_accuracy": float((out[:, len(demo.SHAPES):].argmax(1) == texture_true).float().mean()),
+        "precision": precision,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),  # speed only: the weights do not depend on it
         "seconds": round(time.perf_counter() - started, 1),

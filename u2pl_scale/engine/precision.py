@@ -1,11 +1,36 @@
-"""Mixed precision: autocast contexts (parameters stay fp32) and the fp16 grad scaler."""
+"""Mixed precision: autocast contexts (parameters stay fp32), the fp16 grad scaler, and `train.precision: auto`."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 convolutions and matmuls in hardware. A CUDA GPU from Ampere on; a CPU where
+    oneDNN has bf16 kernels (x86 with AVX-512 or AMX, ARM with its bf16 extension). On an AVX2-only x86 CPU
+    oneDNN emulates bf16: a ResNet's forward and backward under bf16 autocast were measured 12x slower than in fp32
+    (benchmarks/RESULTS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True  # other accelerators: bf16 is their native mixed precision
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: `auto` is bf16 where the device runs it natively (native_bf16), else fp32. An
+    explicit bf16 is kept, with a warning where it is emulated."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        warnings.warn(f"train.precision=bf16 on a {device.type} without native bf16: it is emulated, and on an "
+                      "AVX2-only CPU about 12x slower than fp32; train.precision=auto picks fp32 there",
+                      RuntimeWarning, stacklevel=2)
+    return precision
 
 
 def autocast(precision: str, device: torch.device):

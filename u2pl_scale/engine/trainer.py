@@ -28,7 +28,7 @@ from .evaluate import evaluate
 from .hooks import TrainHooks
 from .optim import build_optimizer, build_scheduler
 from .outputs import RunOutputs, save_prediction_grid
-from .precision import DTYPES, autocast, configure_cudnn
+from .precision import DTYPES, autocast, configure_cudnn, resolve_precision
 from .step import StepConfig, check_method_mode, supervised_step, u2pl_step
 
 
@@ -92,6 +92,11 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     rank, world, device = info.rank, info.world_size, info.device
     check_method_mode(cfg.train, device)
     main = rank == 0
+    requested_precision = cfg.train.precision
+    cfg.train.precision = resolve_precision(requested_precision, device)  # the resolved config records it
+    if main and requested_precision == "auto":
+        print(f"[u2pl] train.precision=auto: {cfg.train.precision} ({device.type} "
+              f"{'with' if cfg.train.precision == 'bf16' else 'without'} native bf16)", flush=True)
     if device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads or dist.cpu_threads_per_rank())
     seed_everything(cfg.train.seed + rank)
@@ -286,6 +291,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         "world_size": world,
         "backend": cfg.engine.backend,
         "method": cfg.method.name,
+        "precision": cfg.train.precision,  # as run (train.precision=auto resolved)
         "derived": derived.as_dict(),
         "bad_samples": bad_counts,
         "val_bad_samples": dist.sum_counts(val_bad),
