@@ -11,9 +11,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bf16 convolutions and matmuls in hardware. A CUDA GPU from Ampere on; a CPU where
-    oneDNN has bf16 kernels (x86 with AVX-512 or AMX, ARM with its bf16 extension). On an AVX2-only x86 CPU
-    oneDNN emulates bf16: a ResNet's forward and backward under bf16 autocast were measured 12x slower than in fp32
-    (benchmarks/RESULTS.md)."""
+    oneDNN has bf16 kernels (x86 with AVX-512, AMX or AVX-NE-CONVERT, ARM with its bf16 extension). On an AVX2-only
+    x86 CPU oneDNN emulates bf16: under bf16 autocast the demo's training step ran 26x slower than in fp32, the
+    demo-backbone pretraining 8x (benchmarks/cpu_precision.py, benchmarks/RESULTS.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
@@ -28,7 +28,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
         warnings.warn(f"train.precision=bf16 on a {device.type} without native bf16: it is emulated, and on an "
-                      "AVX2-only CPU about 12x slower than fp32; train.precision=auto picks fp32 there",
+                      "AVX2-only CPU many times slower than fp32 (26x for the demo's step); train.precision=auto "
+                      "picks fp32 there",
                       RuntimeWarning, stacklevel=2)
     return precision
 
