@@ -285,9 +285,9 @@ def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(ar
         method_losses(step_config(), pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, 0.3)
         for dim, dtype, max_pairs in ((256, torch.bfloat16, None), (300, torch.bfloat16, None),
                                       (256, torch.float32, 500), (300, torch.bfloat16, 500)):
-            bf16_queues = ClassQueues(21, dim, [500] * 21, dtype=dtype)
-            bf16_queues.compaction = "static"
-            bf16_queues.push(torch.randn(64, dim, generator=g), torch.rand(64, 21, generator=g) < 0.3,
+            more_queues = ClassQueues(21, dim, [500] * 21, dtype=dtype)
+            more_queues.compaction = "static"
+            more_queues.push(torch.randn(64, dim, generator=g), torch.rand(64, 21, generator=g) < 0.3,
                              max_pairs=max_pairs)
         kernels.launch_triton_percentiles(torch.rand(100).sort().values, torch.tensor(100), [0.0, -0.0])
     assert not kernels._triton_failed, kernels._triton_failed

@@ -36,8 +36,8 @@ def _x86_cpu_flags() -> set:
                     reason="reads x86 CPU flags from /proc/cpuinfo")
 def test_native_bf16_on_this_cpu_follows_its_avx512_or_amx_flags():
     """oneDNN runs bf16 in hardware with AVX-512 (its avx512_core: avx512f/bw/vl/dq), AMX, or AVX2 with
-    AVX-NE-CONVERT (its avx2_vnni_2); with plain AVX2 it emulates it (about 12x slower than fp32 for the demo's
-    convolutions, benchmarks/RESULTS.md). The flags, read independently of torch."""
+    AVX-NE-CONVERT (its avx2_vnni_2); with plain AVX2 it emulates it (the demo's training step 26x slower than in
+    fp32, benchmarks/RESULTS.md). The flags, read independently of torch."""
     flags = _x86_cpu_flags()
     hardware = ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags or "amx_bf16" in flags
                 or {"avx2", "avx_ne_convert"} <= flags)

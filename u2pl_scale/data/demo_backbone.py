@@ -11,7 +11,7 @@ the demo's train and val streams) labeled with the object's SHAPE and TEXTURE (5
 the pooled features). Hue is uniform over the whole circle and texture independent of shape, so the demo's
 classes (shape + usual texture + hue family, on images with several objects) are not the pretraining labels, just
 as VOC's classes are not ImageNet's. Deterministic for a given seed, steps, thread count and precision (bf16 under
-autocast where the CPU runs it natively, else fp32: engine.precision.native_bf16). The weights are saved
+autocast where the CPU runs it natively, else fp32: engine.precision.resolve_precision). The weights are saved
 as safetensors (no pickle) with a JSON sidecar holding the settings and held-out accuracies.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_path, write_json_atomic
-from ..engine.precision import native_bf16
+from ..engine.precision import resolve_precision
 from . import demo
 
 PRETRAIN_STREAM = 7  # demo.generate_sample uses streams 0 (train) and 1 (val)
@@ -92,8 +92,9 @@ def pretrain_backbone(out_path: Union[str, Path], settings: PretrainSettings = P
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
 
-    # bf16 where this CPU runs it natively; emulated bf16 (AVX2-only CPUs) is about 12x slower than fp32
-    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    # train.precision=auto's rule: bf16 where this CPU runs it natively; emulated bf16 (AVX2-only CPUs) made this
+    # pretraining 8x slower than fp32
+    precision = resolve_precision("auto", torch.device("cpu"))
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
