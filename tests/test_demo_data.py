@@ -171,3 +171,44 @@ def test_an_interrupted_demo_build_is_rebuilt_and_another_dataset_is_left_alone(
     with pytest.raises(FileNotFoundError, match=str(other / "val")):
         ensure_demo_data(cfg)
     assert json.loads(demo_manifest_paths(other)["labeled"].read_text())["dataset"] == "my-dataset"
+
+
+def test_processes_ensuring_the_same_demo_at_once_build_it_once(tmp_path, monkeypatch):
+    """Two callers at once (test workers, two jobs on one node): one builds, the other waits for it and finds the
+    build ready. The build is a stand-in that takes a while, so that without the lock both would build."""
+    import threading
+    import time
+
+    from u2pl_scale.data import demo
+    from u2pl_scale.data.demo import DEMO_DATASET, demo_state, ensure_demo
+
+    calls, running, peak = [], [0], [0]
+    guard = threading.Lock()
+
+    def slow_build(out_root, progress):
+        with guard:
+            calls.append(out_root)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.5)
+        for path in demo_manifest_paths(out_root).values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"dataset": DEMO_DATASET}))
+        with guard:
+            running[0] -= 1
+
+    monkeypatch.setattr(demo, "build_demo", slow_build)
+    root = tmp_path / "demo"
+    results = [None, None]
+
+    def call(i):
+        results[i] = ensure_demo(root, progress=False)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(results) == [False, True]  # one built, the other found it built
+    assert len(calls) == 1 and peak[0] == 1
+    assert demo_state(root) == "ready"

@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 # 3 supervised warm-up steps then 3 U2PL steps, fp32 so that engines can be compared tightly.
 COMMON = ["train.progress_bar=false", "data.steps_per_epoch=3", "train.epochs=2", "data.batch_size_labeled=2",
           "data.batch_size_unlabeled=2", "data.num_workers=0", "train.log_interval=1", "train.precision=fp32",
-          "method.contrastive.num_anchors=32", "method.contrastive.queue_size=500", "eval.num_pictures=0"]
+          "method.contrastive.num_anchors=32", "method.contrastive.queue_size=500", "eval.num_pictures=0",
+          "eval.interval_epochs=2"]  # one evaluation, at the end
 # Per-step losses of two engines agree to this relative tolerance (they differ only in the order in which
 # gradients are summed over ranks, which changes the last bits and then grows over a few SGD steps).
 LOSS_RTOL = 2e-3

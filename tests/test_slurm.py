@@ -14,10 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "slurm.py"
-STEPS = 24
-# 12 supervised warm-up steps, then 12 U2PL steps (queues all-gathered across the 2 ranks); small checkpoints.
+STEPS = 16
+# 8 supervised warm-up steps, then 8 U2PL steps (queues all-gathered across the 2 ranks); small checkpoints.
 # Enough steps after the first checkpoint (step 2) that the requeue reaches the job while it still trains.
-TRAIN = [f"train.max_steps={STEPS}", "data.steps_per_epoch=12", "train.epochs=2", "train.checkpoint_interval=2",
+TRAIN = [f"train.max_steps={STEPS}", "data.steps_per_epoch=8", "train.epochs=2", "train.checkpoint_interval=2",
          "train.log_interval=2", "eval.interval_epochs=2", "eval.num_pictures=2", "train.progress_bar=false",
          "data.batch_size_labeled=4", "data.batch_size_unlabeled=4", "data.num_workers=0",
          "method.contrastive.num_anchors=32", "method.contrastive.queue_size=2000"]

@@ -15,11 +15,26 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = ["train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=3", "data.batch_size_labeled=4",
          "data.batch_size_unlabeled=4", "data.num_workers=0", "train.log_interval=1", "eval.num_pictures=2",
          "method.contrastive.num_anchors=32", "method.contrastive.queue_size=2000"]
+# where a test does not look at the per-epoch evaluations: one, at the end (an evaluation costs about as much as
+# four of these training steps)
+END_EVAL = "eval.interval_epochs=99"
 
 
 def run(tmp_path, *extra, name="run"):
     cfg = load_config(REPO / "configs" / "demo.yaml", QUICK + [f"train.run_dir={tmp_path / name}", *extra])
     return train(cfg), tmp_path / name
+
+
+def one_shard_val(demo_shards, tmp_path):
+    """A val set of the demo's first val shard only: its manifest, listing that shard, beside a link to it."""
+    val = tmp_path / "val_one_shard"
+    val.mkdir()
+    manifest = json.loads((demo_shards / "val" / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["num_samples"] = manifest["shards"][0]["num_samples"]
+    (val / "manifest.json").write_text(json.dumps(manifest))
+    (val / manifest["shards"][0]["name"]).symlink_to(demo_shards / "val" / manifest["shards"][0]["name"])
+    return val
 
 
 def read_metrics(run_dir):
@@ -56,31 +71,31 @@ def test_demo_run_writes_a_complete_run_dir(demo_shards, tmp_path):
 
 
 def test_resume_from_a_mid_run_checkpoint_ends_at_the_same_step(demo_shards, tmp_path):
-    full, full_dir = run(tmp_path, "train.keep_checkpoints=5", name="full")
+    full, full_dir = run(tmp_path, "train.keep_checkpoints=5", END_EVAL, name="full")
     mid = full_dir / "checkpoints" / "step_00000008"
     state = torch.load(mid / "state.pt", weights_only=True)
     assert state["step"] == 8 and state["semi_started"] and state["steps_since_copy"] == 4
-    resumed, resumed_dir = run(tmp_path, f"train.resume={mid}", name="resumed")
+    resumed, resumed_dir = run(tmp_path, f"train.resume={mid}", END_EVAL, name="resumed")
     assert resumed["steps"] == full["steps"] == 12
     assert resumed["resumed_from"] == str(mid)
     steps = [m["step"] for m in read_metrics(resumed_dir) if m["kind"] == "train"]
     assert steps == [9, 10, 11, 12]  # continued, not restarted
     # auto-resume of a finished run does no more steps
-    again, _ = run(tmp_path, "train.resume=auto", name="resumed")
+    again, _ = run(tmp_path, "train.resume=auto", END_EVAL, name="resumed")
     assert again["steps"] == 12
 
 
 def test_run_with_the_method_compiled(demo_shards, tmp_path):
     """train.compile_method through the trainer (on CPU: the device path compiled, no CUDA graphs): the U2PL
     steps run and log the method's terms."""
-    summary, run_dir = run(tmp_path, "train.compile_method=true", "train.epochs=2")
+    summary, run_dir = run(tmp_path, "train.compile_method=true", "train.epochs=2", END_EVAL)
     assert summary["steps"] == 8
     semi = [m for m in read_metrics(run_dir) if m["kind"] == "train" and m["phase"] == "u2pl"]
     assert len(semi) == 4 and all(m["unsup"] > 0 and m["contra"] > 0 and 0 < m["reliable"] <= 1 for m in semi)
 
 
 def test_supervised_only_method(demo_shards, tmp_path):
-    summary, run_dir = run(tmp_path, "method.name=supervised", "train.epochs=2")
+    summary, run_dir = run(tmp_path, "method.name=supervised", "train.epochs=2", END_EVAL)
     assert summary["steps"] == 8 and summary["evaluated_model"] == "student"
     assert {m["phase"] for m in read_metrics(run_dir) if m["kind"] == "train"} == {"sup-only"}
 
@@ -93,7 +108,7 @@ def test_two_gloo_ranks_two_workers_on_uneven_shards(tmp_path):
     assert len(unlabeled["shards"]) % 2 == 1  # 5 shards cannot split evenly over 2 x 2 workers
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, str(REPO / "launchers" / "local.py"), "--nproc", "2", *QUICK,
-           "train.epochs=2", "data.num_workers=2", f"train.run_dir={run_dir}",
+           "train.epochs=2", END_EVAL, "data.num_workers=2", f"train.run_dir={run_dir}",
            *(f"data.{split}={tmp_path / 'demo' / split}" for split in ("labeled", "unlabeled", "val"))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -131,7 +146,11 @@ def test_bad_override_stops_with_the_key_named(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_bf16_and_fp32_agree(demo_shards, tmp_path, precision):
     """Mixed precision changes the numbers only slightly: the first steps' losses agree within 5%."""
-    common = ["train.epochs=2", "data.steps_per_epoch=2", "method.sup_only_epoch=1", "train.channels_last=true"]
+    # the losses are what is compared: one evaluation, at the end, of one val shard (on a CPU without native bf16,
+    # where bf16 is emulated and ~26x slower, two full evaluations were half of this test's 110 s)
+    val = one_shard_val(demo_shards, tmp_path)
+    common = ["train.epochs=2", "data.steps_per_epoch=2", "method.sup_only_epoch=1", "train.channels_last=true",
+              f"data.val={val}", "eval.interval_epochs=2"]
     ref, ref_dir = run(tmp_path, *common, "train.precision=fp32", name="fp32")
     low, low_dir = run(tmp_path, *common, f"train.precision={precision}", name=precision)
     ref_lines = [m for m in read_metrics(ref_dir) if m["kind"] == "train"]

@@ -250,20 +250,39 @@ def demo_state(out_root: Union[str, Path]) -> str:
     return "unfinished" if None in names else "ready"
 
 
+@contextlib.contextmanager
+def _build_lock(out_root: Path):
+    """An exclusive lock on `.<root name>.lock` beside the root, held while one process checks and builds: a second
+    process (another job, another test worker, another rank group on the node) waits, then finds the build ready."""
+    import fcntl
+
+    out_root.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_root.parent / f".{out_root.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_demo(out_root: Union[str, Path] = "shards/demo", progress: bool = True) -> bool:
     """Build the demo at out_root unless a finished build of this generator is there; True when it built.
-    A missing, unfinished or stale build is replaced as a whole; a root holding another dataset is an error."""
+    A missing, unfinished or stale build is replaced as a whole; a root holding another dataset is an error.
+    Processes calling this for the same root at once build it once (a file lock beside the root)."""
     out_root = Path(out_root)
-    state = demo_state(out_root)
-    if state == "ready":
+    if demo_state(out_root) == "ready":  # the common case, without touching a lock file
         return False
-    if state == "foreign":
-        raise FileExistsError(f"{out_root} holds a dataset that is not the demo's; not replacing it")
-    if state != "missing":
-        print(f"[u2pl] demo shards at {out_root} are {'from an older generator' if state == 'stale' else state}; "
-              "rebuilding them", flush=True)
-        shutil.rmtree(out_root)
-    else:
-        print(f"[u2pl] demo shards missing at {out_root}; building them", flush=True)
-    build_demo(out_root=out_root, progress=progress)
+    with _build_lock(out_root):
+        state = demo_state(out_root)  # again: another process may have built it while this one waited
+        if state == "ready":
+            return False
+        if state == "foreign":
+            raise FileExistsError(f"{out_root} holds a dataset that is not the demo's; not replacing it")
+        if state != "missing":
+            print(f"[u2pl] demo shards at {out_root} are "
+                  f"{'from an older generator' if state == 'stale' else state}; rebuilding them", flush=True)
+            shutil.rmtree(out_root)
+        else:
+            print(f"[u2pl] demo shards missing at {out_root}; building them", flush=True)
+        build_demo(out_root=out_root, progress=progress)
     return True
