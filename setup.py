@@ -6,7 +6,7 @@ extras = {
     "ray": ["ray[train]>=2.9"],
     "deepspeed": ["deepspeed>=0.14"],
     "slurm": ["submitit>=1.5"],
-    "test": ["pytest>=7", "pytest-timeout>=2"],
+    "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

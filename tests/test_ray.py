@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# run with pytest-xdist (-n 2 --dist loadgroup, the README command): these tests stay on one worker, in order:
+# one local Ray instance at a time
+pytestmark = pytest.mark.xdist_group("ray")
 LAUNCHER = REPO / "launchers" / "ray_train.py"
 QUICK = ["data.steps_per_epoch=4", "train.checkpoint_interval=2", "train.log_interval=1", "eval.interval_epochs=2",
          "eval.num_pictures=2", "train.progress_bar=false", "data.batch_size_labeled=4", "data.batch_size_unlabeled=4",

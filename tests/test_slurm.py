@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# run with pytest-xdist (-n 2 --dist loadgroup, the README command): these tests stay on one worker, in order:
+# one worker holds the Slurm that the session fixture starts and stops
+pytestmark = pytest.mark.xdist_group("slurm")
 LAUNCHER = REPO / "launchers" / "slurm.py"
 STEPS = 16
 # 8 supervised warm-up steps, then 8 U2PL steps (queues all-gathered across the 2 ranks); small checkpoints.
