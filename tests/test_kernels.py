@@ -288,7 +288,7 @@ def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(ar
             more_queues = ClassQueues(21, dim, [500] * 21, dtype=dtype)
             more_queues.compaction = "static"
             more_queues.push(torch.randn(64, dim, generator=g), torch.rand(64, 21, generator=g) < 0.3,
-                             max_pairs=max_pairs)
+                               max_pairs=max_pairs)
         kernels.launch_triton_percentiles(torch.rand(100).sort().values, torch.tensor(100), [0.0, -0.0])
     assert not kernels._triton_failed, kernels._triton_failed
     names = [name for name, _, _ in compiled]

@@ -150,7 +150,7 @@ def test_bf16_and_fp32_agree(demo_shards, tmp_path, precision):
     # where bf16 is emulated and ~26x slower, two full evaluations were half of this test's 110 s)
     val = one_shard_val(demo_shards, tmp_path)
     common = ["train.epochs=2", "data.steps_per_epoch=2", "method.sup_only_epoch=1", "train.channels_last=true",
-              f"data.val={val}", "eval.interval_epochs=2"]
+              f"data.val={val}", END_EVAL]
     ref, ref_dir = run(tmp_path, *common, "train.precision=fp32", name="fp32")
     low, low_dir = run(tmp_path, *common, f"train.precision={precision}", name=precision)
     ref_lines = [m for m in read_metrics(ref_dir) if m["kind"] == "train"]

@@ -358,8 +358,8 @@ def sample_anchor_index_from_labels(
 
 
 # bytes of gathered negatives per chunk: a few MB keeps a chunk in cache on CPU (VOC shapes, 2-core AMD EPYC with 1 MB
-# L2 per core and 32 MB L3: the gather + both bmms took 61 ms per step at 4 MB, 93 ms at 16 MB; 2 MB and 8 MB are
-# between); one chunk on accelerators
+# L2 per core and 32 MB L3: the gather + both bmms took 61 ms per step at 2 and 4 MB, 67 ms at 1 MB, 93 ms at
+# 16 MB); one chunk on accelerators
 _CPU_CHUNK_BYTES = 4 << 20
 _DEVICE_CHUNK_BYTES = 512 << 20
 
