@@ -7,14 +7,41 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["host", "device"])
-def method_path(request):
-    """Runs a method test on both code paths (u2pl_scale/method/paths.py): the CPU host path, and the device path
-    (the one a GPU runs) taken eagerly on CPU."""
+def require_native_kernels():
+    """Fails the test if the fused CPU kernels (u2pl_scale/method/native.py) cannot be built where a C compiler
+    exists; skips it where none does (they are an optional accelerator)."""
+    from u2pl_scale.method import native
+
+    if native.library() is None:
+        if native._compiler() is None:
+            pytest.skip("no C compiler: the fused CPU kernels cannot be built here")
+        pytest.fail(f"the fused CPU kernels did not build: {native._STATE.get('reason')}")
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def cpu_kernels(request, monkeypatch):
+    """Runs a CPU host-path test twice: with the fused C kernels, and with the torch ops they stand in for."""
+    from u2pl_scale.method import native
+
+    monkeypatch.setattr(native, "ENABLED", request.param == "native")
+    if request.param == "native":
+        require_native_kernels()
+    return request.param
+
+
+@pytest.fixture(params=["host", "host-torch-ops", "device"])
+def method_path(request, monkeypatch):
+    """Runs a method test on every code path (u2pl_scale/method/paths.py): the CPU host path with its fused C
+    kernels (method/native.py) and with torch ops only, and the device path (the one a GPU runs) taken eagerly on
+    CPU."""
+    from u2pl_scale.method import native
     from u2pl_scale.method.paths import device_path_on_cpu
 
+    monkeypatch.setattr(native, "ENABLED", request.param == "host")
     if request.param == "host":
-        yield "host"
+        require_native_kernels()
+    if request.param != "device":
+        yield request.param
     else:
         with device_path_on_cpu():
             yield "device"

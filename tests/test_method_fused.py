@@ -1,4 +1,5 @@
-"""The fused / compact CPU paths of the method core against the plain PyTorch formulations they replace."""
+"""The fused / compact CPU paths of the method core against the plain PyTorch formulations they replace (each fused
+test on both CPU forms: the C kernels of method/native.py and the chunked torch ops; fixture cpu_kernels)."""
 
 import importlib
 
@@ -20,13 +21,13 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(contrastive, "_CPU_CHUNK_BYTES", 3 * 4 * 6 * 4)
 
 
-def test_chunked_entropy_matches_whole_tensor_formula(small_chunks):
+def test_chunked_entropy_matches_whole_tensor_formula(small_chunks, cpu_kernels):
     logits = 4 * torch.randn(2, 5, 11, 7, generator=torch.Generator().manual_seed(0))
     expected = reliability.entropy(torch.softmax(logits, dim=1))
     assert torch.allclose(reliability.entropy_from_logits(logits), expected, atol=1e-6)
 
 
-def test_chunked_entropy_is_accurate_for_confident_pixels(small_chunks):
+def test_chunked_entropy_is_accurate_for_confident_pixels(small_chunks, cpu_kernels):
     """Entropies of near one-hot pixels (1e-12 .. 1e-3): the shifted form loses nothing to the logits' size.
     Its worst relative error (~6%, from log S with S just above 1) is well below the published formula's in
     fp32 (softmax, then log(p + eps): 65% here), which it replaces on CPU."""
@@ -44,7 +45,7 @@ def test_chunked_entropy_is_accurate_for_confident_pixels(small_chunks):
     assert worst < ((published - exact).abs() / exact).max() / 5
 
 
-def test_fused_unsup_ce_matches_cross_entropy_value_and_gradient(small_chunks):
+def test_fused_unsup_ce_matches_cross_entropy_value_and_gradient(small_chunks, cpu_kernels):
     gen = torch.Generator().manual_seed(1)
     logits = (3 * torch.randn(2, 5, 11, 7, generator=gen)).requires_grad_()
     target = torch.randint(0, 5, (2, 11, 7), generator=gen)
@@ -97,7 +98,7 @@ def test_anchor_sampling_from_labels_picks_the_same_pixels_as_the_running_count(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_anchor_loss_matches_unfused_autograd(small_chunks, dtype):
+def test_fused_anchor_loss_matches_unfused_autograd(small_chunks, cpu_kernels, dtype):
     gen = torch.Generator().manual_seed(3)
     num_classes, num_anchors, num_negatives, dim = 3, 4, 6, 8
     queues = ClassQueues(num_classes, dim, [10, 7, 9], dtype=dtype)

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .buffers import constant_arange, reusable_empty, scatter_rows, uniform_below
 from .paths import host_path
 from .queues import ClassQueues
@@ -375,13 +376,59 @@ def _bmm_into(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> Non
         out.copy_(torch.bmm(left, right))
 
 
+def _negatives_in_chunks(scaled: torch.Tensor, prototypes: torch.Tensor, buffer: torch.Tensor,
+                         index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_AnchorLoss's pass over the sampled negatives as torch ops: for anchors `scaled` [M, 1, D] (unit / T) of C
+    classes, (log p_0 [M], p_0 - 1 [M], sum_k p_k negative_k [M, D]) of the softmax over [scaled . prototype,
+    scaled . negatives]. The negatives are gathered chunk by chunk into one reused buffer, and each chunk's logits,
+    softmax and weighted sum are computed while it is in cache (native.anchor_negatives does the same in C)."""
+    num_classes, dim = prototypes.shape
+    rows, num_negatives = index.shape
+    num_anchors = rows // num_classes
+    device = scaled.device
+    logits = torch.empty(rows, 1, num_negatives + 1, dtype=torch.float32, device=device)
+    _bmm_into(scaled.view(num_classes, num_anchors, dim), prototypes[:, :, None],
+              logits.view(num_classes, num_anchors, num_negatives + 1)[:, :, :1])
+    # A bf16/fp16 queue halves the gather's memory traffic. On accelerators the dot products then run in that
+    # dtype (fp32 accumulation); on CPU, where batched bf16 matrix-vector products are slow, each gathered
+    # chunk is widened to fp32 while it is in cache.
+    widen = device.type == "cpu" and buffer.dtype != torch.float32
+    compute_dtype = torch.float32 if widen else buffer.dtype
+    scaled_keys = scaled.to(compute_dtype)  # [M, 1, D]
+    grad = torch.empty(rows, 1, dim, dtype=compute_dtype, device=device)  # sum_k p_k negative_k
+    positive = torch.empty(rows, 1, 1, dtype=torch.float32, device=device)  # p_0 - 1
+    chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    chunk = max(1, min(rows, chunk_bytes // (num_negatives * dim * buffer.element_size())))
+    scratch = reusable_empty("negatives", (chunk * num_negatives, dim), buffer.dtype, device)
+    wide = (reusable_empty("negatives_fp32", (chunk * num_negatives, dim), torch.float32, device)
+            if widen else None)
+    with cpu_single_thread(device):
+        for begin in range(0, rows, chunk):
+            end = min(rows, begin + chunk)
+            size = end - begin
+            negatives = torch.index_select(buffer, 0, index[begin:end].reshape(-1),
+                                           out=scratch[: size * num_negatives])
+            if widen:
+                negatives = wide[: size * num_negatives].copy_(negatives)
+            negatives = negatives.view(size, num_negatives, dim)
+            block = logits[begin:end]  # [size, 1, 1 + K]
+            _bmm_into(scaled_keys[begin:end], negatives.transpose(1, 2), block[:, :, 1:])
+            log_prob = torch.log_softmax(block, dim=2, out=block)  # in place: the logits are not needed again
+            prob = torch.exp(log_prob)
+            torch.sub(prob[:, :, :1], 1.0, out=positive[begin:end])
+            torch.bmm(prob[:, :, 1:].to(compute_dtype), negatives, out=grad[begin:end])
+    # log_softmax in place: the logits hold log p
+    return logits[:, 0, 0], positive.view(rows), grad.view(rows, dim)
+
+
 class _AnchorLoss(torch.autograd.Function):
     """The contrastive loss from the sampled anchors: sum_c weight_c sum_a CE_a, where CE_a is the per-anchor CE
     (target 0) over logits = [u . prototype_c, u . buffer[index]] / temperature and u = a / max(|a|, 1e-12) is the
     L2-normalised anchor (F.normalize).
 
     The sampled negatives are gathered chunk by chunk into one reused buffer and never materialised as a whole
-    [C*A*K, D] tensor; the gradient w.r.t. each unit anchor, (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is
+    [C*A*K, D] tensor (on CPU, where the fused kernels are built, one C pass reads each anchor's negatives straight
+    from the queue: native.anchor_negatives); the gradient w.r.t. each unit anchor, (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is
     formed in the same pass while the chunk is in cache, so backward does not gather again. The normalisation's
     Jacobian, (g - u (u . g)) / |a|, and the class weights are applied in forward too (exact where |a| >= 1e-12 and
     for zero anchors): backward is one multiply by the incoming gradient, where autograd would launch some twenty
@@ -393,44 +440,18 @@ class _AnchorLoss(torch.autograd.Function):
         num_classes, num_anchors, dim = anchors.shape
         rows = num_classes * num_anchors
         index = index.reshape(rows, -1)
-        num_negatives = index.shape[1]
         device = anchors.device
         # logits = scaled . key with scaled = u / T = a / (T max(|a|, 1e-12))
         denom = torch.linalg.vector_norm(anchors, dim=-1, keepdim=True).clamp_min_(1e-12).mul_(temperature)
         scaled = torch.div(anchors, denom).view(rows, 1, dim)
-        logits = torch.empty(rows, 1, num_negatives + 1, dtype=torch.float32, device=device)
-        _bmm_into(scaled.view(num_classes, num_anchors, dim), prototypes[:, :, None],
-                  logits.view(num_classes, num_anchors, num_negatives + 1)[:, :, :1])
-        # A bf16/fp16 queue halves the gather's memory traffic. On accelerators the dot products then run in that
-        # dtype (fp32 accumulation); on CPU, where batched bf16 matrix-vector products are slow, each gathered
-        # chunk is widened to fp32 while it is in cache.
-        widen = device.type == "cpu" and buffer.dtype != torch.float32
-        compute_dtype = torch.float32 if widen else buffer.dtype
-        scaled_keys = scaled.to(compute_dtype)  # [M, 1, D]
-        grad = torch.empty(rows, 1, dim, dtype=compute_dtype, device=device)  # sum_k p_k negative_k
-        positive = torch.empty(rows, 1, 1, dtype=torch.float32, device=device)  # p_0 - 1
-        chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
-        chunk = max(1, min(rows, chunk_bytes // (num_negatives * dim * buffer.element_size())))
-        scratch = reusable_empty("negatives", (chunk * num_negatives, dim), buffer.dtype, device)
-        wide = (reusable_empty("negatives_fp32", (chunk * num_negatives, dim), torch.float32, device)
-                if widen else None)
-        with cpu_single_thread(device):
-            for begin in range(0, rows, chunk):
-                end = min(rows, begin + chunk)
-                size = end - begin
-                negatives = torch.index_select(buffer, 0, index[begin:end].reshape(-1),
-                                               out=scratch[: size * num_negatives])
-                if widen:
-                    negatives = wide[: size * num_negatives].copy_(negatives)
-                negatives = negatives.view(size, num_negatives, dim)
-                block = logits[begin:end]  # [size, 1, 1 + K]
-                _bmm_into(scaled_keys[begin:end], negatives.transpose(1, 2), block[:, :, 1:])
-                log_prob = torch.log_softmax(block, dim=2, out=block)  # in place: the logits are not needed again
-                prob = torch.exp(log_prob)
-                torch.sub(prob[:, :, :1], 1.0, out=positive[begin:end])
-                torch.bmm(prob[:, :, 1:].to(compute_dtype), negatives, out=grad[begin:end])
-        # CE_a = -log p_0 (log_softmax, where a logsumexp is some nine kernels on CUDA)
-        log_positive = logits[:, 0, 0].view(num_classes, num_anchors)
+        fused = None
+        if host_path(device):  # CPU: one pass in C over each anchor's negatives, where the kernels are built
+            positive_logit = torch.bmm(scaled.view(num_classes, num_anchors, dim), prototypes[:, :, None])
+            fused = native.anchor_negatives(scaled.view(rows, dim), buffer, index, positive_logit.view(rows))
+        log_positive, positive, grad = fused if fused is not None else _negatives_in_chunks(scaled, prototypes,
+                                                                                            buffer, index)
+        # CE_a = -log p_0
+        log_positive = log_positive.view(num_classes, num_anchors)
         grad = grad.float().view(num_classes, num_anchors, dim)
         grad.addcmul_(positive.view(num_classes, num_anchors, 1), prototypes[:, None, :])  # g = (dCE / du) x T
         # d loss / d anchor = weight_c / T * (g - u (u . g)) / |a|, where u (u . g) = T^2 scaled (scaled . g)

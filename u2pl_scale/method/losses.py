@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .paths import host_path
 from .reliability import Number, cpu_row_chunks, cpu_single_thread, drop_unreliable, entropy_from_logits, percentile
 from .buffers import reusable_empty
@@ -87,6 +88,10 @@ class _ScaledCESumCPU(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, scale):
         logits = logits.contiguous()
         grad = reusable_empty("unsup_ce_grad", tuple(logits.shape), torch.float32, logits.device)
+        total = native.ce_grad(logits, target.long(), ignore_index, scale.item(), grad)  # one pass in C
+        if total is not None:
+            ctx.save_for_backward(grad)
+            return scale * total
         for b in range(logits.shape[0]):
             torch.log_softmax(logits[b], dim=0, out=grad[b])
         partial = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+from . import native
 from .fp32 import fp32_region
 from .kernels import select_percentiles
 from .paths import host_path
@@ -80,6 +81,9 @@ def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch
             # -sum_c p log p (special.entr, 0 at p = 0): three kernels where the published formula takes six; it
             # differs from -sum_c p log(p + eps) by less than C * eps per pixel, as the CPU form below
             return torch.special.entr(torch.softmax(logits.float(), dim=1)).sum(1)
+        fused = native.entropy(logits.float())  # one pass in C where the kernels are built (same form, native.py)
+        if fused is not None:
+            return fused
         batch, classes, height, width = logits.shape
         logits = logits.float()
         out = torch.empty(batch, height, width, dtype=torch.float32)

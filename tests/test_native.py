@@ -1,0 +1,159 @@
+"""The fused CPU kernels (u2pl_scale/method/native.py, cpu_kernels.c) against slow float64 references, their bad-input
+errors, and how they are built, cached, and replaced by torch ops where they cannot be built."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import require_native_kernels
+from u2pl_scale.method import native
+from u2pl_scale.method.reliability import entropy_from_logits
+
+
+@pytest.fixture
+def kernels():
+    require_native_kernels()
+    return native
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's intra-op thread count (which the kernels split their rows over) for one call, then restores."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def _logits(shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = 4 * torch.randn(shape, generator=gen)
+    logits[0, :, 0, 0] = 0.0  # a pixel whose classes all tie
+    logits[-1, 0, -1, :] += 60.0  # confident pixels: entropies near 0
+    return logits
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 13), (1, 21, 4, 37), (3, 1, 2, 9), (1, 3, 1, 1)])
+def test_entropy_matches_float64(kernels, threads, shape):
+    logits = _logits(shape, 0)
+    prob = torch.softmax(logits.double(), 1)
+    expected = -(prob * torch.log(prob.clamp(min=1e-300))).sum(1)
+    threads(1)
+    one = kernels.entropy(logits)
+    threads(3)  # rows split over three workers (more than some shapes have rows): the same values
+    assert torch.equal(kernels.entropy(logits), one)
+    assert torch.allclose(one.double(), expected, rtol=1e-5, atol=2e-6)
+
+
+def _ce_reference(logits, target, ignore_index, scale):
+    valid = target != ignore_index
+    log_prob = torch.log_softmax(logits.double(), 1)
+    safe = torch.where(valid, target, 0)
+    picked = log_prob.gather(1, safe[:, None])[:, 0]
+    loss = -(picked * valid).sum()
+    onehot = torch.zeros_like(log_prob).scatter_(1, safe[:, None], 1.0)
+    grad = scale * (log_prob.exp() - onehot) * valid[:, None]
+    return loss, grad
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 13), (1, 21, 6, 37), (2, 1, 2, 9)])
+def test_ce_value_and_gradient_match_float64(kernels, threads, shape):
+    logits = _logits(shape, 1)
+    gen = torch.Generator().manual_seed(2)
+    target = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen)
+    target[0, 0, :5] = 255
+    loss_ref, grad_ref = _ce_reference(logits, target, 255, 0.37)
+    grad = torch.full_like(logits, float("nan"))  # every element must be written
+    threads(2)
+    loss = kernels.ce_grad(logits, target, 255, 0.37, grad)
+    assert loss == pytest.approx(loss_ref.item(), rel=1e-6, abs=1e-4)
+    assert torch.allclose(grad.double(), grad_ref, atol=1e-7)
+    assert torch.equal(grad[0, :, 0, :5], torch.zeros_like(grad[0, :, 0, :5]))  # ignored pixels: no gradient
+
+
+def test_ce_with_every_pixel_ignored_is_zero(kernels):
+    logits = _logits((1, 4, 2, 3), 3)
+    grad = torch.full_like(logits, float("nan"))
+    assert kernels.ce_grad(logits, torch.full((1, 2, 3), 7), 7, 1.0, grad) == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("label", [4, -1, 300])
+def test_ce_rejects_a_label_out_of_range(kernels, label):
+    logits = _logits((1, 4, 2, 3), 3)
+    target = torch.zeros(1, 2, 3, dtype=torch.long)
+    target[0, 1, 2] = label
+    with pytest.raises(IndexError, match=r"neither in \[0, 4\) nor the ignore index 255"):
+        kernels.ce_grad(logits, target, 255, 1.0, torch.empty_like(logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("negatives,dim", [(7, 13), (1, 8), (50, 256)])
+def test_anchor_negatives_match_float64(kernels, threads, dtype, negatives, dim):
+    gen = torch.Generator().manual_seed(4)
+    rows, queue = 11, 40
+    buffer = torch.nn.functional.normalize(torch.randn(queue, dim, generator=gen), dim=1).to(dtype)
+    scaled = 2 * torch.randn(rows, dim, generator=gen)
+    index = torch.randint(0, queue, (rows, negatives), generator=gen)
+    positive = torch.randn(rows, generator=gen)
+    keys = buffer.double()[index]  # [rows, K, D]
+    logits = torch.cat([positive.double()[:, None], torch.einsum("md,mkd->mk", scaled.double(), keys)], 1)
+    log_prob = torch.log_softmax(logits, 1)
+    grad_ref = torch.einsum("mk,mkd->md", log_prob[:, 1:].exp(), keys)
+    threads(2)
+    log_p0, p0_minus_1, grad = kernels.anchor_negatives(scaled, buffer, index, positive)
+    assert torch.allclose(log_p0.double(), log_prob[:, 0], atol=2e-6)
+    assert torch.allclose(p0_minus_1.double(), log_prob[:, 0].exp() - 1, atol=1e-6)
+    assert torch.allclose(grad.double(), grad_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 40])
+def test_anchor_negatives_reject_an_index_out_of_range(kernels, bad):
+    index = torch.zeros(3, 5, dtype=torch.long)
+    index[2, 4] = bad
+    with pytest.raises(IndexError, match=r"not in \[0, 40\)"):
+        kernels.anchor_negatives(torch.randn(3, 8), torch.randn(40, 8), index, torch.randn(3))
+
+
+def test_inputs_the_kernels_do_not_take_are_left_to_torch_ops(kernels):
+    logits = torch.randn(2, 3, 4, 5)
+    assert kernels.entropy(logits.to(torch.bfloat16)) is None
+    assert kernels.entropy(logits.contiguous(memory_format=torch.channels_last)) is None
+    target = torch.zeros(2, 4, 5, dtype=torch.long)
+    assert kernels.ce_grad(logits, target.int(), 255, 1.0, torch.empty_like(logits)) is None
+    assert kernels.anchor_negatives(torch.randn(3, 8), torch.randn(40, 8, dtype=torch.float16),
+                                    torch.zeros(3, 5, dtype=torch.long), torch.randn(3)) is None
+
+
+def _fresh(monkeypatch, tmp_path, cc=None):
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "ENABLED", True)
+    monkeypatch.setenv("U2PL_NATIVE_CACHE", str(tmp_path / "cache"))
+    if cc is not None:
+        monkeypatch.setenv("CC", cc)
+
+
+def test_build_is_cached_and_leaves_no_partial_file(monkeypatch, tmp_path):
+    require_native_kernels()
+    _fresh(monkeypatch, tmp_path)
+    assert native.library() is not None
+    built = sorted((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    _fresh(monkeypatch, tmp_path)  # a new process, in effect: loads the cached file, builds nothing
+    assert native.library() is not None
+    assert sorted((tmp_path / "cache").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("cc,reason", [("/nonexistent/cc", "no C compiler found"), ("false", "false failed on")])
+def test_without_a_working_compiler_the_method_warns_once_and_runs_torch_ops(monkeypatch, tmp_path, cc, reason):
+    _fresh(monkeypatch, tmp_path, cc)
+    logits = _logits((2, 5, 3, 13), 5)
+    with pytest.warns(RuntimeWarning, match=reason):
+        got = entropy_from_logits(logits)
+    prob = torch.softmax(logits.double(), 1)
+    assert torch.allclose(got.double(), -(prob * torch.log(prob.clamp(min=1e-300))).sum(1), atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        entropy_from_logits(logits)
+    assert not list((tmp_path / "cache").glob("*.partial"))  # a failed build leaves nothing behind

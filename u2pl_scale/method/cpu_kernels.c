@@ -1,0 +1,312 @@
+/* Fused CPU kernels of the U2PL method's memory-bound passes (u2pl_scale/method/native.py builds and loads this
+ * file with the system C compiler and ctypes; without a compiler the method runs the same maths as torch ops).
+ *
+ * Each kernel reads its large input once and keeps a pixel row (or an anchor's negatives) in cache for the
+ * passes over it, where the torch-op forms stream the same hundreds of MB several times per step:
+ *   u2pl_entropy     per-pixel entropy of softmax(logits)                     [B, C, H, W] -> [B, H, W]
+ *   u2pl_ce_grad     sum of CE over valid pixels, and in the same pass the gradient scale * (softmax - onehot)
+ *   u2pl_anchor_neg  for each anchor row: dot products with its sampled queue rows, the log-softmax with the
+ *                    prototype logit, and sum_k p_k row_k (the anchor's gradient from its negatives)
+ * exp and log are polynomial approximations written so that the compiler vectorises the loops over pixels
+ * (relative error about 2e-7 for exp, 1e-7 for log over the ranges used); the rest is plain fp32 arithmetic with
+ * fp64 loss sums. Work is split over pthreads by rows; every kernel returns 0, or a negative code for bad input
+ * (an index or label out of range), having written nothing past its outputs' bounds.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 256
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 4
+#endif
+
+/* exp(x) for x <= 0 .. 88 (Cephes expf): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, times
+ * 2^n built from the exponent bits. Inputs below -87.3 give exp(-87.3) ~ 1e-38 instead of a smaller or zero value,
+ * an absolute difference below 1.2e-38. Branch-free, so loops over it vectorise. */
+static inline float u2pl_exp(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.3f ? 88.3f : x;
+    float fn = rintf(x * 1.44269504088896341f);
+    int n = (int)fn;
+    float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = (n + 127) << 23;
+    return p * scale.f;
+}
+
+/* log(x) for finite x > 0, normal (Cephes logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a
+ * polynomial in m - 1. Branch-free. */
+static inline float u2pl_log(float x) {
+    union { float f; int32_t i; } bits;
+    bits.f = x;
+    int e = ((bits.i >> 23) & 0xff) - 126;  /* x = m' 2^e with m' in [0.5, 1) */
+    bits.i = (bits.i & 0x007fffff) | 0x3f000000;
+    float m = bits.f;
+    int small = m < 0.707106781186547524f;
+    e -= small;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    float fe = (float)e;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
+
+/* ---- a minimal parallel for over [0, n) ---- */
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end, int worker);
+typedef struct { range_fn fn; void *ctx; int64_t begin, end; int worker; } range_job;
+
+static void *run_range(void *arg) {
+    range_job *job = (range_job *)arg;
+    job->fn(job->ctx, job->begin, job->end, job->worker);
+    return NULL;
+}
+
+/* Splits [0, n) into `threads` contiguous parts, runs the first on the calling thread. Falls back to fewer threads
+ * if one cannot be started (the caller sees no difference but speed). */
+static void parallel_for(int64_t n, int threads, range_fn fn, void *ctx) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > n) threads = n > 0 ? (int)n : 1;
+    range_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < threads; ++t) {
+        jobs[t].fn = fn;
+        jobs[t].ctx = ctx;
+        jobs[t].begin = n * t / threads;
+        jobs[t].end = n * (t + 1) / threads;
+        jobs[t].worker = t;
+        started[t] = 0;
+    }
+    for (int t = 1; t < threads; ++t)
+        started[t] = pthread_create(&ids[t], NULL, run_range, &jobs[t]) == 0;
+    run_range(&jobs[0]);
+    for (int t = 1; t < threads; ++t) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        else run_range(&jobs[t]);
+    }
+}
+
+/* ---- entropy ---- */
+typedef struct { const float *logits; float *out; int64_t classes, height, width; } entropy_ctx;
+
+/* rows are (image, y) pairs; per row: max over classes, e = exp(z - max), S = sum e, H = log S - sum e (z - max) / S
+ * (the same form as reliability.entropy_from_logits' CPU path) */
+static void entropy_rows(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    entropy_ctx *c = (entropy_ctx *)arg;
+    const int64_t W = c->width, C = c->classes, plane = c->height * W;
+    float *mx = malloc(sizeof(float) * 3 * W);
+    float *total = mx + W, *weighted = mx + 2 * W;
+    for (int64_t row = begin; row < end; ++row) {
+        int64_t b = row / c->height, y = row % c->height;
+        const float *z = c->logits + b * C * plane + y * W;
+        for (int64_t x = 0; x < W; ++x) mx[x] = z[x];
+        for (int64_t k = 1; k < C; ++k) {
+            const float *zk = z + k * plane;
+            for (int64_t x = 0; x < W; ++x) mx[x] = zk[x] > mx[x] ? zk[x] : mx[x];
+        }
+        memset(total, 0, sizeof(float) * W);
+        memset(weighted, 0, sizeof(float) * W);
+        for (int64_t k = 0; k < C; ++k) {
+            const float *zk = z + k * plane;
+            for (int64_t x = 0; x < W; ++x) {
+                float d = zk[x] - mx[x];
+                float e = u2pl_exp(d);
+                total[x] += e;
+                weighted[x] += e * d;
+            }
+        }
+        float *o = c->out + b * plane + y * W;
+        for (int64_t x = 0; x < W; ++x) o[x] = u2pl_log(total[x]) - weighted[x] / total[x];
+    }
+    free(mx);
+}
+
+int u2pl_entropy(const float *logits, float *out, int64_t batch, int64_t classes, int64_t height, int64_t width,
+                 int threads) {
+    entropy_ctx c = {logits, out, classes, height, width};
+    parallel_for(batch * height, threads, entropy_rows, &c);
+    return 0;
+}
+
+/* ---- cross-entropy and its gradient ---- */
+typedef struct {
+    const float *logits; const int64_t *target; float *grad; double *partial; int *bad;
+    int64_t classes, height, width, ignore_index; float scale;
+} ce_ctx;
+
+static void ce_rows(void *arg, int64_t begin, int64_t end, int worker) {
+    ce_ctx *c = (ce_ctx *)arg;
+    const int64_t W = c->width, C = c->classes, plane = c->height * W;
+    float *mx = malloc(sizeof(float) * 2 * W);
+    float *total = mx + W;
+    double loss = 0.0;
+    for (int64_t row = begin; row < end; ++row) {
+        int64_t b = row / c->height, y = row % c->height;
+        const float *z = c->logits + b * C * plane + y * W;
+        float *g = c->grad + b * C * plane + y * W;
+        const int64_t *t = c->target + b * plane + y * W;
+        for (int64_t x = 0; x < W; ++x) {
+            if (t[x] != c->ignore_index && (t[x] < 0 || t[x] >= C)) { c->bad[worker] = 1; goto done; }
+        }
+        for (int64_t x = 0; x < W; ++x) mx[x] = z[x];
+        for (int64_t k = 1; k < C; ++k) {
+            const float *zk = z + k * plane;
+            for (int64_t x = 0; x < W; ++x) mx[x] = zk[x] > mx[x] ? zk[x] : mx[x];
+        }
+        memset(total, 0, sizeof(float) * W);
+        for (int64_t k = 0; k < C; ++k) {
+            const float *zk = z + k * plane;
+            float *gk = g + k * plane;
+            for (int64_t x = 0; x < W; ++x) {
+                float e = u2pl_exp(zk[x] - mx[x]);
+                gk[x] = e;
+                total[x] += e;
+            }
+        }
+        /* CE = log S - (z_label - max); the gradient's per-pixel factor scale / S on valid pixels, 0 elsewhere */
+        for (int64_t x = 0; x < W; ++x) {
+            if (t[x] != c->ignore_index) {
+                loss += (double)(u2pl_log(total[x]) - (z[t[x] * plane + x] - mx[x]));
+                total[x] = c->scale / total[x];
+            } else {
+                total[x] = 0.0f;
+            }
+        }
+        for (int64_t k = 0; k < C; ++k) {
+            float *gk = g + k * plane;
+            for (int64_t x = 0; x < W; ++x) gk[x] *= total[x];
+        }
+        for (int64_t x = 0; x < W; ++x)
+            if (t[x] != c->ignore_index) g[t[x] * plane + x] -= c->scale;
+    }
+done:
+    c->partial[worker] = loss;
+    free(mx);
+}
+
+/* grad = scale * (softmax(logits) - onehot(target)) on valid pixels, 0 on ignored ones; *loss = sum of the valid
+ * pixels' CE (not scaled). Returns -1 if a target is neither ignore_index nor in [0, classes). */
+int u2pl_ce_grad(const float *logits, const int64_t *target, float *grad, double *loss, int64_t batch,
+                 int64_t classes, int64_t height, int64_t width, int64_t ignore_index, float scale, int threads) {
+    double partial[MAX_THREADS] = {0};
+    int bad[MAX_THREADS] = {0};
+    ce_ctx c = {logits, target, grad, partial, bad, classes, height, width, ignore_index, scale};
+    parallel_for(batch * height, threads, ce_rows, &c);
+    double sum = 0.0;
+    for (int t = 0; t < MAX_THREADS; ++t) {
+        if (bad[t]) return -1;
+        sum += partial[t];
+    }
+    *loss = sum;
+    return 0;
+}
+
+/* ---- anchors against their sampled negatives ---- */
+typedef struct {
+    const float *scaled; const void *buffer; int bf16; const int64_t *index; const float *positive_logit;
+    float *log_p0; float *p0_minus_1; float *grad; int *bad;
+    int64_t rows, negatives, dim, buffer_rows;
+} anchor_ctx;
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t i; float f; } u;
+    u.i = (uint32_t)v << 16;
+    return u.f;
+}
+
+static void anchor_rows(void *arg, int64_t begin, int64_t end, int worker) {
+    anchor_ctx *c = (anchor_ctx *)arg;
+    const int64_t K = c->negatives, D = c->dim;
+    float *logit = malloc(sizeof(float) * (K + D));
+    float *acc = logit + K;
+    for (int64_t m = begin; m < end; ++m) {
+        const float *s = c->scaled + m * D;
+        const int64_t *idx = c->index + m * K;
+        for (int64_t k = 0; k < K; ++k) {
+            if (idx[k] < 0 || idx[k] >= c->buffer_rows) { c->bad[worker] = 1; goto done; }
+        }
+        float best = c->positive_logit[m];
+        for (int64_t k = 0; k < K; ++k) {
+            /* random 1 KB rows: fetch the one PREFETCH_AHEAD rows on (this anchor's, then the next one's) while
+               this one is summed, so that the memory latency overlaps the arithmetic */
+            int64_t ahead = m * K + k + PREFETCH_AHEAD;
+            if (ahead < end * K) {
+                int64_t row_ahead = c->index[ahead];
+                if (row_ahead >= 0 && row_ahead < c->buffer_rows) {
+                    const char *p = (const char *)c->buffer + row_ahead * D * (c->bf16 ? 2 : 4);
+                    for (int64_t off = 0; off < D * (c->bf16 ? 2 : 4); off += 64) __builtin_prefetch(p + off);
+                }
+            }
+            float dot = 0.0f;
+            if (c->bf16) {
+                const uint16_t *row = (const uint16_t *)c->buffer + idx[k] * D;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < D; ++d) dot += s[d] * bf16_to_float(row[d]);
+            } else {
+                const float *row = (const float *)c->buffer + idx[k] * D;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < D; ++d) dot += s[d] * row[d];
+            }
+            logit[k] = dot;
+            best = dot > best ? dot : best;
+        }
+        float total = u2pl_exp(c->positive_logit[m] - best);
+        for (int64_t k = 0; k < K; ++k) total += u2pl_exp(logit[k] - best);
+        float lse = best + u2pl_log(total);
+        c->log_p0[m] = c->positive_logit[m] - lse;
+        c->p0_minus_1[m] = u2pl_exp(c->positive_logit[m] - lse) - 1.0f;
+        memset(acc, 0, sizeof(float) * D);
+        for (int64_t k = 0; k < K; ++k) {
+            float p = u2pl_exp(logit[k] - lse);
+            if (c->bf16) {
+                const uint16_t *row = (const uint16_t *)c->buffer + idx[k] * D;
+                for (int64_t d = 0; d < D; ++d) acc[d] += p * bf16_to_float(row[d]);
+            } else {
+                const float *row = (const float *)c->buffer + idx[k] * D;
+                for (int64_t d = 0; d < D; ++d) acc[d] += p * row[d];
+            }
+        }
+        memcpy(c->grad + m * D, acc, sizeof(float) * D);
+    }
+done:
+    free(logit);
+}
+
+/* For each of `rows` anchors (scaled = unit anchor / temperature, [rows, dim]) and its `negatives` queue rows
+ * (index [rows, negatives] into buffer [buffer_rows, dim], fp32 or bf16): the logits [positive_logit, scaled .
+ * row_k], log_p0 = log-softmax at the positive, p0_minus_1 = p_0 - 1 and grad = sum_k p_k row_k [rows, dim].
+ * Returns -1 if an index is out of range. */
+int u2pl_anchor_neg(const float *scaled, const void *buffer, int bf16, const int64_t *index,
+                    const float *positive_logit, float *log_p0, float *p0_minus_1, float *grad, int64_t rows,
+                    int64_t negatives, int64_t dim, int64_t buffer_rows, int threads) {
+    int bad[MAX_THREADS] = {0};
+    anchor_ctx c = {scaled, buffer, bf16, index, positive_logit, log_p0, p0_minus_1, grad, bad,
+                    rows, negatives, dim, buffer_rows};
+    parallel_for(rows, threads, anchor_rows, &c);
+    for (int t = 0; t < MAX_THREADS; ++t)
+        if (bad[t]) return -1;
+    return 0;
+}
