@@ -18,6 +18,9 @@ several times slower than 1. OMP_WAIT_POLICY=PASSIVE (set here unless already se
 torch loads) makes waiting workers sleep instead of spin. OMP_WAIT_POLICY=default measures libgomp's default
 (spin a while, then sleep), ACTIVE always spins. The printed process CPU time (all threads, spinning included)
 is the number to compare across runs on a shared machine.
+
+On CPU the method's large passes run as fused C kernels where they build (u2pl_scale/method/native.py; the header
+line says whether they did): U2PL_NATIVE=0 times the torch-op forms they replace.
 """
 
 from __future__ import annotations
@@ -306,8 +309,12 @@ def main() -> None:
         sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=30))
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    from u2pl_scale.method import native
+
+    kernels = ("on" if native.library() is not None else f"off ({native._STATE.get('reason', 'U2PL_NATIVE=0')})")
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f} "
+          f"fused CPU kernels {kernels if device.type == 'cpu' else 'not used'}")
     print("| shape | device | queue dtype | mode | steps | timer | median s | min s | max s | p90 s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, values in (("wall", times), ("process CPU", cpu_times)):

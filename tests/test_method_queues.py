@@ -1,5 +1,6 @@
 """ClassQueues against a slow reference (one Python deque per class), locally and on 2 gloo ranks
-(U2PL_SPEC.md section 6: FIFO queues, push before sampling, identical queues on every rank)."""
+(U2PL_SPEC.md section 6: FIFO queues, push before sampling, identical queues on every rank). The CPU pushes run
+with the fused C kernel and with torch ops (fixture cpu_kernels)."""
 
 import os
 import socket
@@ -35,7 +36,7 @@ def unique_features(num, dim, start):
 
 
 @pytest.mark.parametrize("compaction", ["exact", "static"])
-def test_random_pushes_match_deque_reference_with_wraparound(compaction):
+def test_random_pushes_match_deque_reference_with_wraparound(compaction, cpu_kernels):
     gen = torch.Generator().manual_seed(0)
     capacities = [5, 3, 8, 1]
     queues = ClassQueues(4, 3, capacities)
@@ -53,7 +54,7 @@ def test_random_pushes_match_deque_reference_with_wraparound(compaction):
     assert int(queues.dropped_pairs) == 0
 
 
-def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them():
+def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them(cpu_kernels):
     """6 rows into every class of capacities [5, 3, 8, 1]: kept pairs 5 + 3 + 6 + 1 = 15 in class-major order.
     With max_pairs=10 the first 10 are written (class 0's 5, class 1's 3, class 2's first 2) and 5 are counted as
     dropped; pointers and fill advance as if all were written. max_pairs=15 writes all, as the exact push does."""
@@ -77,7 +78,7 @@ def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them
         assert torch.equal(value, enough.state_dict()[key]), key
 
 
-def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer():
+def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer(cpu_kernels):
     queues = ClassQueues(2, 2, [3, 4])
     features = unique_features(7, 2, 0)
     mask = torch.zeros(7, 2, dtype=torch.bool)
@@ -92,7 +93,7 @@ def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer():
     assert sorted(queues.class_features(0)[:, 0].tolist()) == [5.0, 6.0, 100.0]
 
 
-def test_hand_ring_positions():
+def test_hand_ring_positions(cpu_kernels):
     queues = ClassQueues(1, 1, [4])
     queues.push(torch.tensor([[1.0], [2.0], [3.0]]), torch.ones(3, 1, dtype=torch.bool))
     queues.push(torch.tensor([[4.0], [5.0]]), torch.ones(2, 1, dtype=torch.bool))

@@ -157,3 +157,55 @@ def test_without_a_working_compiler_the_method_warns_once_and_runs_torch_ops(mon
         warnings.simplefilter("error")  # once: the second call is silent
         entropy_from_logits(logits)
     assert not list((tmp_path / "cache").glob("*.partial"))  # a failed build leaves nothing behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepare_rows_matches_normalize_and_class_sums(kernels, threads, dtype):
+    gen = torch.Generator().manual_seed(6)
+    rows = 3 * torch.randn(300, 40, generator=gen)
+    rows[7] = 0  # F.normalize keeps a zero row zero
+    label = torch.randint(0, 6, (300,), generator=gen)  # 5 = none; class 2 left empty below
+    label[label == 2] = 5
+    threads(3)
+    unit, sums, counts = kernels.prepare_rows(rows, label, 5, dtype)
+    expected = torch.nn.functional.normalize(rows.double(), dim=1)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # bf16: within one rounding of the fp32 value
+    assert unit.dtype == dtype and torch.allclose(unit.double(), expected, rtol=tol, atol=1e-7)
+    assert torch.equal(unit[7], torch.zeros_like(unit[7]))
+    onehot = (label[:, None] == torch.arange(5)[None, :]).double()
+    assert torch.allclose(sums.double(), onehot.t() @ rows.double(), atol=1e-4)
+    assert torch.equal(counts, onehot.sum(0).long()) and counts[2] == 0
+
+
+def test_prepare_rows_rejects_a_label_out_of_range(kernels):
+    with pytest.raises(IndexError, match=r"not in \[0, 5\]"):
+        kernels.prepare_rows(torch.randn(4, 8), torch.tensor([0, 6, 1, 5]), 5, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 256), (torch.bfloat16, 16), (torch.float32, 3)])
+@pytest.mark.parametrize("mask_layout", ["class-major", "row-major"])
+def test_push_writes_the_same_queue_as_the_torch_ops(kernels, threads, monkeypatch, dtype, dim, mask_layout):
+    """Pushes of random rows into rings that wrap, one class given more rows than it holds, the mask both as a
+    class-major tensor (as contrastive_prepare hands it) and as a transposed [N, C] one (push_packed): the buffer
+    and ring state equal those of the torch-op push, bit for bit (dim 256 fp32 and 16 bf16 rows take the streaming
+    stores, dim 3 the plain copy)."""
+    from u2pl_scale.method.queues import ClassQueues
+
+    gen = torch.Generator().manual_seed(7)
+    capacities = [50, 7, 30, 1]
+    queues = {path: ClassQueues(4, dim, capacities, dtype=dtype) for path in ("native", "torch-ops")}
+    threads(2)
+    for step in range(4):
+        features = torch.randn(40, dim, generator=gen)
+        mask = torch.rand(40, 4, generator=gen) < 0.4
+        mask[:, 1] = step % 2 == 1  # 40 rows for a ring of 7: only the newest 7 are kept
+        if mask_layout == "class-major":
+            mask = mask.t().contiguous().t()
+        for path, queue in queues.items():
+            monkeypatch.setattr(native, "ENABLED", path == "native")
+            queue.push(features, mask)
+    native_queue, torch_queue = queues["native"], queues["torch-ops"]
+    assert torch.equal(native_queue.buffer, torch_queue.buffer)
+    assert torch.equal(native_queue.write_ptr, torch_queue.write_ptr)
+    assert torch.equal(native_queue.fill, torch_queue.fill)
+    assert native_queue.fill.tolist() == [50, 7, 30, 1] and native_queue.buffer.abs().sum() > 0

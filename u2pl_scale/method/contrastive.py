@@ -504,7 +504,12 @@ def contrastive_prepare(
         teacher = rep_teacher.detach().float()
         rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
         # prototypes: mean teacher feature per class over its low-entropy pixels
-        if host_path(teacher.device):
+        # CPU: the unit rows for the queues, the sums and the counts in one pass in C
+        fused = native.prepare_rows(rows, pixel.prototype_label, num_classes, queue_dtype) if host_path(
+            teacher.device) else None
+        if fused is not None:
+            unit_rows, sums, pixels_per_class = fused[0], fused[1], fused[2].float()
+        elif host_path(teacher.device):
             pixels_per_class = _count_per_class(pixel.prototype_label, num_classes).float()
             sums = torch.zeros(num_classes + 1, dim, dtype=torch.float32)
             sums = sums.index_add_(0, pixel.prototype_label, rows)[:num_classes]
@@ -517,7 +522,8 @@ def contrastive_prepare(
             pixels_per_class = one_hot.sum(1)
             sums = torch.mm(one_hot, rows)
         class_present = pixels_per_class > 0
-        unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
+        if fused is None:
+            unit_rows = _unit_rows(rows, out=reusable_empty("push_rows", tuple(rows.shape), rows.dtype, rows.device))
         negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
         return ContrastivePrepared(pixel, sums, pixels_per_class, class_present, class_present.sum(),
                                    unit_rows.to(queue_dtype), negative_pc)

@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #define MAX_THREADS 256
 #ifndef PREFETCH_AHEAD
@@ -308,5 +311,134 @@ int u2pl_anchor_neg(const float *scaled, const void *buffer, int bf16, const int
     parallel_for(rows, threads, anchor_rows, &c);
     for (int t = 0; t < MAX_THREADS; ++t)
         if (bad[t]) return -1;
+    return 0;
+}
+
+/* ---- teacher rows: unit rows for the queues, prototype sums ---- */
+static inline uint16_t float_to_bf16(float value) {  /* round to nearest even, as torch's conversion */
+    union { float f; uint32_t i; } u;
+    u.f = value;
+    if ((u.i & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u.i >> 16) | 0x40u);  /* NaN stays a quiet NaN */
+    return (uint16_t)((u.i + 0x7fffu + ((u.i >> 16) & 1u)) >> 16);
+}
+
+typedef struct {
+    const float *rows; const int64_t *label; void *unit; int bf16; double *sums; int64_t *counts; int *bad;
+    int64_t dim, classes;
+} rows_ctx;
+
+static void prepare_rows(void *arg, int64_t begin, int64_t end, int worker) {
+    rows_ctx *c = (rows_ctx *)arg;
+    const int64_t D = c->dim, C = c->classes;
+    double *sums = c->sums + (int64_t)worker * (C + 1) * D;  /* this worker's partial sums: no sharing */
+    int64_t *counts = c->counts + (int64_t)worker * (C + 1);
+    for (int64_t p = begin; p < end; ++p) {
+        const float *row = c->rows + p * D;
+        int64_t label = c->label[p];
+        if (label < 0 || label > C) { c->bad[worker] = 1; return; }
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t d = 0; d < D; ++d) squares += row[d] * row[d];
+        float norm = sqrtf(squares);
+        float inverse = 1.0f / (norm > 1e-12f ? norm : 1e-12f);  /* F.normalize: x / max(|x|, 1e-12) */
+        if (c->bf16) {
+            uint16_t *out = (uint16_t *)c->unit + p * D;
+            for (int64_t d = 0; d < D; ++d) out[d] = float_to_bf16(row[d] * inverse);
+        } else {
+            float *out = (float *)c->unit + p * D;
+            for (int64_t d = 0; d < D; ++d) out[d] = row[d] * inverse;
+        }
+        if (label < C) {
+            double *sum = sums + label * D;
+            for (int64_t d = 0; d < D; ++d) sum[d] += row[d];
+            counts[label] += 1;
+        }
+    }
+}
+
+/* rows [P, dim] fp32 -> unit [P, dim] (fp32 or bf16) = rows / max(|row|, 1e-12); sums [classes, dim] (fp64) and
+ * counts [classes] of the rows with label c in [0, classes) (label == classes: none). Returns -1 for a label
+ * outside [0, classes]. */
+int u2pl_prepare_rows(const float *rows, const int64_t *label, void *unit, int bf16, double *sums, int64_t *counts,
+                      int64_t num_rows, int64_t dim, int64_t classes, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    double *partial = calloc((size_t)threads * (classes + 1) * dim, sizeof(double));
+    int64_t *partial_counts = calloc((size_t)threads * (classes + 1), sizeof(int64_t));
+    int bad[MAX_THREADS] = {0};
+    if (!partial || !partial_counts) { free(partial); free(partial_counts); return -2; }
+    rows_ctx c = {rows, label, unit, bf16, partial, partial_counts, bad, dim, classes};
+    parallel_for(num_rows, threads, prepare_rows, &c);
+    int status = 0;
+    for (int t = 0; t < threads; ++t) if (bad[t]) status = -1;
+    for (int64_t k = 0; k < classes; ++k) {
+        counts[k] = 0;
+        for (int64_t d = 0; d < dim; ++d) sums[k * dim + d] = 0.0;
+        for (int t = 0; t < threads; ++t) {
+            counts[k] += partial_counts[(int64_t)t * (classes + 1) + k];
+            const double *part = partial + ((int64_t)t * (classes + 1) + k) * dim;
+            for (int64_t d = 0; d < dim; ++d) sums[k * dim + d] += part[d];
+        }
+    }
+    free(partial);
+    free(partial_counts);
+    return status;
+}
+
+/* ---- the queue push ---- */
+/* The queue is far larger than the caches and its rows are not read again this step: with AVX, rows go to memory
+ * with streaming stores, which skip reading each destination line first (a third less memory traffic). */
+static inline void copy_row(char *dst, const char *src, int64_t bytes) {
+#ifdef __AVX__
+    if ((bytes & 31) == 0 && ((uintptr_t)dst & 31) == 0) {
+        for (int64_t off = 0; off < bytes; off += 32)
+            _mm256_stream_si256((__m256i *)(dst + off), _mm256_loadu_si256((const __m256i *)(src + off)));
+        return;
+    }
+#endif
+    memcpy(dst, src, (size_t)bytes);
+}
+
+typedef struct {
+    const char *features; const uint8_t *mask; int64_t mask_stride_class, mask_stride_row; char *buffer;
+    const int64_t *offsets, *capacities; int64_t *write_ptr, *fill; int64_t rows, row_bytes;
+} push_ctx;
+
+static void push_classes(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    push_ctx *c = (push_ctx *)arg;
+    for (int64_t k = begin; k < end; ++k) {
+        const uint8_t *mask = c->mask + k * c->mask_stride_class;
+        int64_t count = 0;
+        for (int64_t n = 0; n < c->rows; ++n) count += mask[n * c->mask_stride_row] != 0;
+        int64_t capacity = c->capacities[k], skip = count > capacity ? count - capacity : 0;
+        int64_t ptr = c->write_ptr[k], rank = 0, slot = ptr;
+        char *region = c->buffer + c->offsets[k] * c->row_bytes;
+        for (int64_t n = 0; n < c->rows && count; ++n) {
+            if (!mask[n * c->mask_stride_row]) continue;
+            if (rank++ < skip) continue;  /* only the newest `capacity` rows can survive */
+            copy_row(region + slot * c->row_bytes, c->features + n * c->row_bytes, c->row_bytes);
+            if (++slot == capacity) slot = 0;
+        }
+        c->write_ptr[k] = (ptr + count - skip) % capacity;
+        c->fill[k] = c->fill[k] + count < capacity ? c->fill[k] + count : capacity;
+    }
+#ifdef __AVX__
+    _mm_sfence();  /* the streaming stores are visible before the thread is joined */
+#endif
+}
+
+/* Row n of features [rows, row_bytes] goes to each class k with mask[k, n] (a bool at mask + k * stride_class +
+ * n * stride_row), in row order, into class k's ring (buffer rows offsets[k] .. + capacities[k]) at write_ptr[k];
+ * write_ptr and fill are updated. Classes are independent, so they are split over the threads. Returns -1 (and
+ * writes nothing) for a write pointer outside its ring or a capacity below 1. */
+int u2pl_push(const void *features, const uint8_t *mask, int64_t stride_class, int64_t stride_row, void *buffer,
+              const int64_t *offsets, const int64_t *capacities, int64_t *write_ptr, int64_t *fill, int64_t classes,
+              int64_t rows, int64_t row_bytes, int threads) {
+    for (int64_t k = 0; k < classes; ++k)
+        if (capacities[k] < 1 || write_ptr[k] < 0 || write_ptr[k] >= capacities[k]) return -1;
+    push_ctx c = {(const char *)features, mask, stride_class, stride_row, (char *)buffer, offsets, capacities,
+                  write_ptr, fill, rows, row_bytes};
+    parallel_for(classes, threads, push_classes, &c);
     return 0;
 }

@@ -3,7 +3,9 @@
 On CPU the method's large passes (the teacher's entropy and the unsupervised CE at crop size, and the anchors'
 dot products with their sampled negatives) are bound by memory traffic: as torch ops each streams its hundreds of
 MB several times, once per op. The kernels read each input once and keep a pixel row, or an anchor's negatives,
-in cache for all the passes over it (benchmarks/RESULTS.md has the figures).
+in cache for all the passes over it; the teacher rows are normalised for the queues and summed into prototypes in
+one pass, and the queue push copies each kept row straight into its ring slot (benchmarks/RESULTS.md has the
+figures).
 
 They are an optional accelerator, like NVIDIA apex on a GPU: no Python headers and no torch headers are needed, a
 plain C compiler builds them in about a second, and the result is cached (by the hash of the source, the compiler
@@ -32,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from .buffers import reusable_empty
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "lib": the loaded library, or None once building or loading failed; "reason": why
@@ -42,6 +46,8 @@ _SIGNATURES = {
     "u2pl_entropy": [_P, _P, _I64, _I64, _I64, _I64, _INT],
     "u2pl_ce_grad": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
     "u2pl_anchor_neg": [_P, _P, _INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
+    "u2pl_prepare_rows": [_P, _P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
+    "u2pl_push": [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT],
 }
 
 
@@ -178,3 +184,47 @@ def anchor_negatives(scaled: torch.Tensor, buffer: torch.Tensor, index: torch.Te
                                     buffer.shape[0], _threads()) != 0:
         raise IndexError(f"negative index out of range: not in [0, {buffer.shape[0]}) (the queue's rows)")
     return log_p0, p0_minus_1, grad
+
+
+def prepare_rows(rows: torch.Tensor, label: torch.Tensor, num_classes: int,
+                 unit_dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """In one pass over the teacher rows [P, D] (fp32): the unit rows [P, D] (`unit_dtype`, fp32 or bf16) =
+    rows / max(|row|, 1e-12) (F.normalize), and the sums [C, D] (fp32, accumulated in fp64) and counts [C] (int64)
+    of the rows whose `label` [P] (int64) is c in [0, C); label C means none. The unit rows are a reused buffer
+    (buffers.reusable_empty). None if not handled; IndexError for a label outside [0, C]."""
+    lib = library()
+    if (lib is None or unit_dtype not in (torch.float32, torch.bfloat16) or not _plain(rows, torch.float32, 2)
+            or not _plain(label, torch.int64, 1) or label.shape[0] != rows.shape[0]):
+        return None
+    num_rows, dim = rows.shape
+    unit = reusable_empty("push_rows", (num_rows, dim), unit_dtype, rows.device)
+    sums = torch.empty(num_classes, dim, dtype=torch.float64)
+    counts = torch.empty(num_classes, dtype=torch.int64)
+    status = lib.u2pl_prepare_rows(rows.data_ptr(), label.data_ptr(), unit.data_ptr(),
+                                   int(unit_dtype == torch.bfloat16), sums.data_ptr(), counts.data_ptr(), num_rows,
+                                   dim, num_classes, _threads())
+    if status == -2:
+        raise MemoryError("u2pl_prepare_rows: no memory for the per-thread prototype sums")
+    if status != 0:
+        raise IndexError(f"prototype label out of range: not in [0, {num_classes}] ({num_classes}: none)")
+    return unit, sums.float(), counts
+
+
+def push(features: torch.Tensor, mask_cn: torch.Tensor, buffer: torch.Tensor, offsets: torch.Tensor,
+         capacities: torch.Tensor, write_ptr: torch.Tensor, fill: torch.Tensor) -> bool:
+    """ClassQueues' push on CPU: row n of `features` [N, D] (the buffer's dtype) into the ring of every class k with
+    mask_cn[k, n] (bool [C, N], any strides), rows in order, only the newest `capacity` of a class kept; the ring
+    state `write_ptr` and `fill` (int64 [C]) is updated in place. False if not handled (nothing written)."""
+    lib = library()
+    state = (offsets, capacities, write_ptr, fill)
+    if (lib is None or not _plain(features, buffer.dtype, 2) or not _plain(buffer, buffer.dtype, 2)
+            or features.shape[1] != buffer.shape[1] or mask_cn.dtype != torch.bool or mask_cn.dim() != 2
+            or mask_cn.device.type != "cpu" or mask_cn.shape[1] != features.shape[0]
+            or not all(_plain(t, torch.int64, 1) and t.shape[0] == mask_cn.shape[0] for t in state)):
+        return False
+    if lib.u2pl_push(features.data_ptr(), mask_cn.data_ptr(), mask_cn.stride(0), mask_cn.stride(1),
+                     buffer.data_ptr(), offsets.data_ptr(), capacities.data_ptr(), write_ptr.data_ptr(),
+                     fill.data_ptr(), mask_cn.shape[0], features.shape[0],
+                     features.shape[1] * features.element_size(), _threads()) != 0:
+        raise ValueError("queue state corrupt: a write pointer outside its ring, or a capacity below 1")
+    return True

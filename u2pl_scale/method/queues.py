@@ -33,6 +33,7 @@ from ..dist import all_gather_cat
 
 from .buffers import uniform_below
 from .paths import host_path
+from . import native
 from .kernels import copy_rows_, push_rows_
 from .reliability import cpu_single_thread
 
@@ -127,11 +128,14 @@ class ClassQueues:
         """Host-side push (CPU, where reading counts costs nothing): per class, the kept source rows are copied
         with one or two `index_select(..., out=<ring slice>)` straight into the buffer (a wrapped ring is two
         contiguous slices), so no [pairs, dim] intermediate is ever materialised."""
+        if features.dtype != self.dtype:
+            features = features.to(self.dtype)
+        if native.push(features.contiguous(), mask_cn, self.buffer, self.offsets, self.capacities, self.write_ptr,
+                       self.fill):  # the same copies, each row straight to its slot, classes over the threads
+            return
         pairs = torch.nonzero(mask_cn)  # [K, 2] (class, row), class-major then row order
         rows = pairs[:, 1]
         pushed = torch.bincount(pairs[:, 0], minlength=self.num_classes)
-        if features.dtype != self.dtype:
-            features = features.to(self.dtype)
         write_ptr, fill = self.write_ptr.tolist(), self.fill.tolist()
         start = 0
         for c, count in enumerate(pushed.tolist()):
