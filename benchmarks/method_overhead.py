@@ -11,6 +11,7 @@ pre-filled to capacity. Usage:
                                          [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile [MODE]]
     python benchmarks/method_overhead.py --count-ops [--shape voc]   # the device path's ops per step
     python benchmarks/method_overhead.py --host-cost   # the device path's host time per step (tiny shapes, CPU)
+    python benchmarks/method_overhead.py --stages [--shape voc]   # the eager step's parts, each timed
 
 CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
 count) a descheduled OpenMP worker makes each barrier cost up to a scheduler time slice, so 2 threads can be
@@ -140,6 +141,65 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# the method's parts as method_forward reaches them: this module's imported names, and contrastive_loss's three parts
+_STAGES = (("reliability", None, "reliability"), ("unsupervised CE", None, "unsup_loss_from_reliable"),
+           ("feature-level inputs", None, "contrastive_inputs"), ("contrastive prepare", "contrastive",
+           "contrastive_prepare"), ("queue push", "contrastive", "push_prepared"),
+           ("contrastive finish", "contrastive", "contrastive_finish"))
+
+
+@contextlib.contextmanager
+def stage_timers(device: torch.device, times: dict):
+    """Within this block method_forward's parts append their wall times (synced on a GPU) to times[stage], by
+    wrapping the functions it calls; restored on exit."""
+    import importlib
+
+    patched = []
+    for stage, module_name, attribute in _STAGES:
+        module = importlib.import_module(f"u2pl_scale.method.{module_name}") if module_name else sys.modules[__name__]
+        function = getattr(module, attribute)
+
+        def timed(*args, _function=function, _stage=stage, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            result = _function(*args, **kwargs)
+            sync(device)
+            times[_stage].append(time.perf_counter() - start)
+            return result
+
+        patched.append((module, attribute, function))
+        setattr(module, attribute, timed)
+    try:
+        yield
+    finally:
+        for module, attribute, function in patched:
+            setattr(module, attribute, function)
+
+
+def print_stages(inputs: dict, device: torch.device, steps: int, warmup: int, generator) -> None:
+    """--stages: the eager method step split into its parts and the backward, medians over `steps` steps."""
+    times = collections.defaultdict(list)
+    with stage_timers(device, times):
+        for _ in range(warmup + steps):
+            inputs["student_logits_u"].grad = inputs["rep"].grad = None
+            sync(device)
+            start = time.perf_counter()
+            unsup, contra, _ = method_forward(inputs, 0.1, generator)
+            sync(device)
+            middle = time.perf_counter()
+            (unsup + contra).backward()
+            sync(device)
+            times["backward"].append(time.perf_counter() - middle)
+            times["whole step"].append(time.perf_counter() - start)
+    whole = statistics.median(times["whole step"][warmup:])
+    print("| stage | median ms | min ms | % of the step (medians) |")
+    print("| --- | --- | --- | --- |")
+    for stage, values in times.items():
+        values = values[warmup:]
+        print(f"| {stage} | {1e3 * statistics.median(values):.1f} | {1e3 * min(values):.1f} | "
+              f"{100 * statistics.median(values) / whole:.0f} |")
+
+
 # ops that launch no kernel: allocations, and the bookkeeping around them
 _NO_KERNEL = {"empty", "empty_strided", "detach", "lift_fresh", "scalar_tensor", "_local_scalar_dense"}
 
@@ -260,6 +320,9 @@ def main() -> None:
                         help="the forward under torch.compile with this mode (default: reduce-overhead, CUDA graphs "
                              "on a GPU), as train.compile_method runs it (the device path on every device; compiled "
                              "during warm-up; its sampling draws from torch's global RNG)")
+    parser.add_argument("--stages", action="store_true",
+                        help="time the eager step's parts (reliability, unsupervised CE, feature-level inputs, "
+                             "contrastive prepare, queue push, contrastive finish, backward) instead of the whole")
     parser.add_argument("--host-cost", action="store_true",
                         help="host time per eager step of the device path at tiny shapes on CPU (one thread): the "
                              "per-op host work an eager GPU step pays, measured without a GPU")
@@ -277,6 +340,9 @@ def main() -> None:
     inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype))
     generator = torch.Generator(device=device).manual_seed(1)
     step_kwargs = dict(generator=generator)
+    if args.stages:
+        print_stages(inputs, device, args.steps, args.warmup, generator)
+        return
     if args.compile == "cuda-graph" and device.type != "cuda":
         parser.error("--compile cuda-graph needs --device cuda")
     if args.compile == "cuda-graph":  # captured by hand (engine/graphed.py), as run_method_losses runs it

@@ -54,3 +54,23 @@ def test_the_benchmarks_hand_captured_method_replays_the_eager_one():
     for eager, graphed in zip(results["eager"], results["graphed"]):
         for e, g in zip(eager, graphed):
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_stages_time_every_part_of_the_method_and_restore_it(capsys):
+    """`--stages` wraps the method's parts in timers: every part gets a row (a part the wrappers missed would have
+    none), and the functions are the originals again afterwards."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import method_overhead as mo
+    from u2pl_scale.method import contrastive
+
+    originals = [getattr(mo, "reliability"), getattr(contrastive, "push_prepared")]
+    inputs = mo.make_inputs(mo.HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=mo.HOST_COST_DIM,
+                            contrastive=mo.HOST_COST_CONTRASTIVE)
+    mo.print_stages(inputs, torch.device("cpu"), steps=3, warmup=1, generator=torch.Generator().manual_seed(0))
+    rows = dict(re.findall(r"^\| ([a-zA-Z -]+) \| ([\d.]+) \|", capsys.readouterr().out, re.M))
+    parts = [stage for stage, _, _ in mo._STAGES] + ["backward"]
+    assert sorted(rows) == sorted(parts + ["whole step"])
+    assert all(float(value) > 0 for value in rows.values())
+    assert [getattr(mo, "reliability"), getattr(contrastive, "push_prepared")] == originals

@@ -209,3 +209,34 @@ def test_push_writes_the_same_queue_as_the_torch_ops(kernels, threads, monkeypat
     assert torch.equal(native_queue.write_ptr, torch_queue.write_ptr)
     assert torch.equal(native_queue.fill, torch_queue.fill)
     assert native_queue.fill.tolist() == [50, 7, 30, 1] and native_queue.buffer.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_labeled,low_rank,high_rank", [(2, 3, 20), (0, 3, 20), (5, 1, 4), (1, 7, 30), (3, 0, 7)])
+def test_negative_mask_equals_a_stable_sort_of_each_pixels_classes(kernels, threads, num_labeled, low_rank,
+                                                                  high_rank):
+    """Against ranks from torch.sort(stable=True, descending=True) of each pixel's classes, on probabilities
+    quantised so that most pixels hold ties, with ignored labels and a threshold that removes some classes."""
+    gen = torch.Generator().manual_seed(8)
+    batch, classes, pixels = 5, 7, 300  # 300 pixels: a full block of 256 and a ragged one
+    prob = torch.cat([torch.randint(0, 4, (batch, classes, 150), generator=gen).float() / 4,
+                      torch.softmax(torch.randn(batch, classes, 150, generator=gen), 1)], dim=2)
+    labels = torch.randint(0, classes + 1, (batch, pixels), generator=gen)
+    labels[labels == classes] = 255
+    high = torch.rand(batch, pixels, generator=gen) < 0.7
+    threads(3)
+    got = kernels.negative_mask(prob, labels, high, num_labeled, low_rank, high_rank, 0.6)
+
+    order = torch.sort(prob, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(classes)[None, :, None].expand_as(order))
+    labeled = (torch.arange(batch) < num_labeled)[:, None, None]
+    not_label = labels[:, None, :] != torch.arange(classes)[None, :, None]
+    window = torch.where(labeled, (rank < low_rank) & not_label, (rank >= low_rank) & (rank < high_rank))
+    expected = (high[:, None, :] & (prob < 0.6) & window).transpose(0, 1)
+    assert got.shape == (classes, batch, pixels) and torch.equal(got, expected)
+    assert expected.any() and not expected.all()
+
+
+def test_negative_mask_leaves_many_classes_to_torch_ops(kernels):
+    classes = native.NEGATIVE_MASK_MAX_CLASSES + 1
+    assert kernels.negative_mask(torch.rand(1, classes, 4), torch.zeros(1, 4, dtype=torch.long),
+                                 torch.ones(1, 4, dtype=torch.bool), 1, 3, 20, 1.0) is None

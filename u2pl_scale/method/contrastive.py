@@ -210,6 +210,10 @@ def _pixel_classes(
     prototype_label = torch.where(low, label_or_none, num_classes)
     q_label = prob.gather(1, label_or_none.clamp(max=num_classes - 1)[:, None])[:, 0]  # any class where none
     anchor_label = torch.where(q_label > anchor_threshold, prototype_label, num_classes)
+    if host_path(prob.device):  # CPU: the whole negative mask in one pass in C, where the kernels are built
+        negative = native.negative_mask(prob, labels, high, num_labeled, low_rank, high_rank, negative_threshold)
+        if negative is not None:
+            return _PixelClasses(prototype_label.reshape(-1), anchor_label.reshape(-1), negative)
     candidate = high[:, None, :] & (prob < negative_threshold)  # [N, C, hw]
 
     if not host_path(prob.device):  # one stable sort of each pixel's classes gives every rank

@@ -4,8 +4,8 @@ On CPU the method's large passes (the teacher's entropy and the unsupervised CE 
 dot products with their sampled negatives) are bound by memory traffic: as torch ops each streams its hundreds of
 MB several times, once per op. The kernels read each input once and keep a pixel row, or an anchor's negatives,
 in cache for all the passes over it; the teacher rows are normalised for the queues and summed into prototypes in
-one pass, and the queue push copies each kept row straight into its ring slot (benchmarks/RESULTS.md has the
-figures).
+one pass, the negatives' class mask comes from one pass over the teacher's probabilities, and the queue push copies
+each kept row straight into its ring slot (benchmarks/RESULTS.md has the figures).
 
 They are an optional accelerator, like NVIDIA apex on a GPU: no Python headers and no torch headers are needed, a
 plain C compiler builds them in about a second, and the result is cached (by the hash of the source, the compiler
@@ -48,7 +48,10 @@ _SIGNATURES = {
     "u2pl_anchor_neg": [_P, _P, _INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "u2pl_prepare_rows": [_P, _P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
     "u2pl_push": [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT],
+    "u2pl_negative_mask": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
 }
+# u2pl_negative_mask compares every pair of a pixel's classes: fine for 19 or 21 classes, not for hundreds
+NEGATIVE_MASK_MAX_CLASSES = 64
 
 
 def cache_dir() -> Path:
@@ -120,6 +123,14 @@ def library() -> Optional[ctypes.CDLL]:
     return _STATE["lib"]
 
 
+def _check(status: int, bad_input: str) -> None:
+    """A kernel's status (cpu_kernels.c): 0 fine, -1 bad input (the message names it), -2 out of memory."""
+    if status == -2:
+        raise MemoryError("a fused CPU kernel could not allocate its per-thread scratch memory")
+    if status != 0:
+        raise IndexError(bad_input)
+
+
 def _threads() -> int:
     from .reliability import CPU_LOOPS_SINGLE_THREAD
 
@@ -139,7 +150,7 @@ def entropy(logits: torch.Tensor) -> Optional[torch.Tensor]:
     batch, classes, height, width = logits.shape
     out = torch.empty(batch, height, width, dtype=torch.float32)
     if out.numel():
-        lib.u2pl_entropy(logits.data_ptr(), out.data_ptr(), batch, classes, height, width, _threads())
+        _check(lib.u2pl_entropy(logits.data_ptr(), out.data_ptr(), batch, classes, height, width, _threads()), "")
     return out
 
 
@@ -155,11 +166,11 @@ def ce_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, scale
         return None
     batch, classes, height, width = logits.shape
     total = ctypes.c_double(0.0)
-    if logits.numel() and lib.u2pl_ce_grad(logits.data_ptr(), target.data_ptr(), grad.data_ptr(),
-                                           ctypes.byref(total), batch, classes, height, width, ignore_index,
-                                           float(scale), _threads()) != 0:
-        raise IndexError(f"cross-entropy target out of range: a label is neither in [0, {classes}) nor the "
-                         f"ignore index {ignore_index}")
+    if logits.numel():
+        _check(lib.u2pl_ce_grad(logits.data_ptr(), target.data_ptr(), grad.data_ptr(), ctypes.byref(total), batch,
+                                classes, height, width, ignore_index, float(scale), _threads()),
+               f"cross-entropy target out of range: a label is neither in [0, {classes}) nor the ignore index "
+               f"{ignore_index}")
     return total.value
 
 
@@ -178,11 +189,12 @@ def anchor_negatives(scaled: torch.Tensor, buffer: torch.Tensor, index: torch.Te
     log_p0 = torch.empty(rows, dtype=torch.float32)
     p0_minus_1 = torch.empty(rows, dtype=torch.float32)
     grad = torch.empty(rows, dim, dtype=torch.float32)
-    if rows and lib.u2pl_anchor_neg(scaled.data_ptr(), buffer.data_ptr(), int(buffer.dtype == torch.bfloat16),
-                                    index.data_ptr(), positive_logit.data_ptr(), log_p0.data_ptr(),
-                                    p0_minus_1.data_ptr(), grad.data_ptr(), rows, index.shape[1], dim,
-                                    buffer.shape[0], _threads()) != 0:
-        raise IndexError(f"negative index out of range: not in [0, {buffer.shape[0]}) (the queue's rows)")
+    if rows:
+        _check(lib.u2pl_anchor_neg(scaled.data_ptr(), buffer.data_ptr(), int(buffer.dtype == torch.bfloat16),
+                                   index.data_ptr(), positive_logit.data_ptr(), log_p0.data_ptr(),
+                                   p0_minus_1.data_ptr(), grad.data_ptr(), rows, index.shape[1], dim,
+                                   buffer.shape[0], _threads()),
+               f"negative index out of range: not in [0, {buffer.shape[0]}) (the queue's rows)")
     return log_p0, p0_minus_1, grad
 
 
@@ -200,13 +212,10 @@ def prepare_rows(rows: torch.Tensor, label: torch.Tensor, num_classes: int,
     unit = reusable_empty("push_rows", (num_rows, dim), unit_dtype, rows.device)
     sums = torch.empty(num_classes, dim, dtype=torch.float64)
     counts = torch.empty(num_classes, dtype=torch.int64)
-    status = lib.u2pl_prepare_rows(rows.data_ptr(), label.data_ptr(), unit.data_ptr(),
-                                   int(unit_dtype == torch.bfloat16), sums.data_ptr(), counts.data_ptr(), num_rows,
-                                   dim, num_classes, _threads())
-    if status == -2:
-        raise MemoryError("u2pl_prepare_rows: no memory for the per-thread prototype sums")
-    if status != 0:
-        raise IndexError(f"prototype label out of range: not in [0, {num_classes}] ({num_classes}: none)")
+    _check(lib.u2pl_prepare_rows(rows.data_ptr(), label.data_ptr(), unit.data_ptr(),
+                                 int(unit_dtype == torch.bfloat16), sums.data_ptr(), counts.data_ptr(), num_rows,
+                                 dim, num_classes, _threads()),
+           f"prototype label out of range: not in [0, {num_classes}] ({num_classes}: none)")
     return unit, sums.float(), counts
 
 
@@ -228,3 +237,24 @@ def push(features: torch.Tensor, mask_cn: torch.Tensor, buffer: torch.Tensor, of
                      features.shape[1] * features.element_size(), _threads()) != 0:
         raise ValueError("queue state corrupt: a write pointer outside its ring, or a capacity below 1")
     return True
+
+
+def negative_mask(prob: torch.Tensor, labels: torch.Tensor, high: torch.Tensor, num_labeled: int, low_rank: int,
+                  high_rank: int, threshold: float) -> Optional[torch.Tensor]:
+    """The contrastive loss's negative candidates, class-major [C, N, hw] bool, from the teacher's prob [N, C, hw]
+    (fp32), the labels [N, hw] (int64; >= C: none) and the high-entropy mask [N, hw] (bool): high, prob < threshold,
+    and the class's rank in its pixel (stable descending: ties to the lower class) below low_rank and not the label
+    in the first num_labeled images, in [low_rank, high_rank) in the others (contrastive._pixel_classes). None if
+    not handled (more than NEGATIVE_MASK_MAX_CLASSES classes among them)."""
+    lib = library()
+    if (lib is None or not _plain(prob, torch.float32, 3) or not _plain(labels, torch.int64, 2)
+            or not _plain(high, torch.bool, 2) or prob.shape[1] > NEGATIVE_MASK_MAX_CLASSES
+            or labels.shape != prob.shape[:1] + prob.shape[2:] or high.shape != labels.shape):
+        return None
+    batch, classes, pixels = prob.shape
+    negative = torch.empty(classes, batch, pixels, dtype=torch.bool)
+    if negative.numel():
+        _check(lib.u2pl_negative_mask(prob.data_ptr(), labels.data_ptr(), high.data_ptr(), negative.data_ptr(), batch,
+                                      classes, pixels, num_labeled, low_rank, high_rank, float(threshold),
+                                      _threads()), "")
+    return negative
