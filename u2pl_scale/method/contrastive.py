@@ -25,7 +25,8 @@ Differences from the published code, on purpose:
   with the sampled negatives, which then run in bf16 with fp32 accumulation.
 - Ties in the teacher's ranking rank the lower class index first (a stable descending sort); the published topk
   left them unspecified. On the device path one stable sort of each pixel's classes orders them, and the
-  negatives' rank window is scattered through that order (_rank_window); on CPU the ranks come from k rounds of a
+  negatives' rank window is scattered through that order (_rank_window); on CPU a fused C kernel counts each
+  class's rank from pairwise compares (native.negative_mask), or, without it, the ranks come from k rounds of a
   max over the fp32 values (a 21-long sort or topk per pixel is several times slower there), where only pixels
   with a tie at the k-th value are redone from (value bits, class index) keys.
 
@@ -432,8 +433,9 @@ class _AnchorLoss(torch.autograd.Function):
 
     The sampled negatives are gathered chunk by chunk into one reused buffer and never materialised as a whole
     [C*A*K, D] tensor (on CPU, where the fused kernels are built, one C pass reads each anchor's negatives straight
-    from the queue: native.anchor_negatives); the gradient w.r.t. each unit anchor, (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is
-    formed in the same pass while the chunk is in cache, so backward does not gather again. The normalisation's
+    from the queue: native.anchor_negatives); the gradient w.r.t. each unit anchor,
+    (1/T) ((p_0 - 1) prototype + sum_k p_k negative_k), is formed in the same pass while the chunk is in cache, so
+    backward does not gather again. The normalisation's
     Jacobian, (g - u (u . g)) / |a|, and the class weights are applied in forward too (exact where |a| >= 1e-12 and
     for zero anchors): backward is one multiply by the incoming gradient, where autograd would launch some twenty
     small kernels for the normalisation and the weighted mean (a cost in eager mode on a GPU, which launches each).
@@ -508,9 +510,9 @@ def contrastive_prepare(
         teacher = rep_teacher.detach().float()
         rows = _pixel_rows(teacher)  # [P, D]: a view when channels-last
         # prototypes: mean teacher feature per class over its low-entropy pixels
-        # CPU: the unit rows for the queues, the sums and the counts in one pass in C
-        fused = native.prepare_rows(rows, pixel.prototype_label, num_classes, queue_dtype) if host_path(
-            teacher.device) else None
+        fused = None
+        if host_path(teacher.device):  # the unit rows for the queues, the sums and the counts in one pass in C
+            fused = native.prepare_rows(rows, pixel.prototype_label, num_classes, queue_dtype)
         if fused is not None:
             unit_rows, sums, pixels_per_class = fused[0], fused[1], fused[2].float()
         elif host_path(teacher.device):

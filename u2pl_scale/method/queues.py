@@ -127,7 +127,8 @@ class ClassQueues:
     def _push_exact(self, features: torch.Tensor, mask_cn: torch.Tensor) -> None:
         """Host-side push (CPU, where reading counts costs nothing): per class, the kept source rows are copied
         with one or two `index_select(..., out=<ring slice>)` straight into the buffer (a wrapped ring is two
-        contiguous slices), so no [pairs, dim] intermediate is ever materialised."""
+        contiguous slices), so no [pairs, dim] intermediate is ever materialised. Where the fused CPU kernels are
+        built, native.push makes the same copies, classes over threads, with streaming stores."""
         if features.dtype != self.dtype:
             features = features.to(self.dtype)
         if native.push(features.contiguous(), mask_cn, self.buffer, self.offsets, self.capacities, self.write_ptr,
