@@ -139,6 +139,7 @@ def test_build_is_cached_and_leaves_no_partial_file(monkeypatch, tmp_path):
     assert native.library() is not None
     built = sorted((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
+    assert built[0].stat().st_mode & 0o044 == 0o044  # readable by others sharing the cache directory
     stamp = built[0].stat().st_mtime_ns
     _fresh(monkeypatch, tmp_path)  # a new process, in effect: loads the cached file, builds nothing
     assert native.library() is not None

@@ -81,7 +81,9 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', 'cc')!r})")
     flags = compile_flags()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), os.path.realpath(compiler), *flags]).encode()).hexdigest()
+    # the machine too: a home directory shared by x86 and ARM nodes must not hand one the other's library
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), os.path.realpath(compiler), platform.machine(),
+                                     *flags]).encode()).hexdigest()
     target = cache_dir() / f"u2pl_cpu_kernels_{key[:24]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,7 @@ def _build() -> ctypes.CDLL:
                                     capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            os.chmod(partial, 0o755)  # mkstemp's 0600 would lock out other users of a shared U2PL_NATIVE_CACHE
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
