@@ -8,8 +8,8 @@ one pass, the negatives' class mask comes from one pass over the teacher's proba
 each kept row straight into its ring slot (benchmarks/RESULTS.md has the figures).
 
 They are an optional accelerator, like NVIDIA apex on a GPU: no Python headers and no torch headers are needed, a
-plain C compiler builds them in about a second, and the result is cached (by the hash of the source, the compiler
-and its flags) in `$U2PL_NATIVE_CACHE`, else `$XDG_CACHE_HOME/u2pl_scale/native`, else
+plain C compiler builds them in about a second, and the result is cached (by the hash of the source, the compiler,
+its flags and the machine's architecture) in `$U2PL_NATIVE_CACHE`, else `$XDG_CACHE_HOME/u2pl_scale/native`, else
 `~/.cache/u2pl_scale/native`. Where they cannot be built or loaded (no compiler, a read-only cache), a warning
 names the reason once and the method runs the same maths as torch ops. `U2PL_NATIVE=0` turns them off.
 
@@ -121,7 +121,7 @@ def library() -> Optional[ctypes.CDLL]:
                 except Exception as error:  # any failure to build or load means: run the torch ops instead
                     _STATE["lib"], _STATE["reason"] = None, f"{type(error).__name__}: {error}"
                     warnings.warn(f"u2pl_scale: the fused CPU kernels are unavailable ({_STATE['reason']}); the "
-                                  "method runs its torch-op path instead, same results, slower on CPU "
+                                  "method runs the same maths as torch ops instead, slower on CPU "
                                   "(U2PL_NATIVE=0 silences this)", RuntimeWarning, stacklevel=2)
     return _STATE["lib"]
 
