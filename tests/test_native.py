@@ -118,6 +118,9 @@ def test_anchor_negatives_reject_an_index_out_of_range(kernels, bad):
 def test_inputs_the_kernels_do_not_take_are_left_to_torch_ops(kernels):
     logits = torch.randn(2, 3, 4, 5)
     assert kernels.entropy(logits.to(torch.bfloat16)) is None
+    assert kernels.entropy(logits.clone().requires_grad_()) is None  # a result without a graph would be wrong
+    with torch.no_grad():
+        assert kernels.entropy(logits.clone().requires_grad_()) is not None
     assert kernels.entropy(logits.contiguous(memory_format=torch.channels_last)) is None
     target = torch.zeros(2, 4, 5, dtype=torch.long)
     assert kernels.ce_grad(logits, target.int(), 255, 1.0, torch.empty_like(logits)) is None
@@ -241,3 +244,25 @@ def test_negative_mask_leaves_many_classes_to_torch_ops(kernels):
     classes = native.NEGATIVE_MASK_MAX_CLASSES + 1
     assert kernels.negative_mask(torch.rand(1, classes, 4), torch.zeros(1, 4, dtype=torch.long),
                                  torch.ones(1, 4, dtype=torch.bool), 1, 3, 20, 1.0) is None
+
+
+def test_a_method_step_on_cpu_runs_every_kernel(kernels, monkeypatch):
+    """A whole eager method step on CPU (benchmarks/method_overhead.py's step at small shapes, VOC's 21 classes)
+    calls each kernel and each one handles its input, so no part silently falls back to torch ops."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import method_overhead as mo
+
+    handled = {}
+    for name in ("entropy", "ce_grad", "anchor_negatives", "prepare_rows", "push", "negative_mask"):
+        def counted(*args, _name=name, _function=getattr(native, name), **kwargs):
+            result = _function(*args, **kwargs)
+            handled[_name] = handled.get(_name, 0) + (result is not None and result is not False)
+            return result
+        monkeypatch.setattr(native, name, counted)
+    inputs = mo.make_inputs((2, 2, 33, 9, 21, [64] * 21), torch.device("cpu"), torch.float32, dim=16,
+                            contrastive=dict(num_anchors=8, num_negatives=5))
+    mo.method_step(inputs, 0.1, torch.Generator().manual_seed(0))
+    assert handled == dict.fromkeys(handled, 1) and len(handled) == 6, handled

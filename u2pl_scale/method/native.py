@@ -141,8 +141,11 @@ def _threads() -> int:
 
 
 def _plain(tensor: torch.Tensor, dtype: torch.dtype, dim: int) -> bool:
+    """A CPU tensor the kernels can read through its data pointer; not one autograd would need to differentiate
+    through (the kernels' results have no graph)."""
     return (tensor.device.type == "cpu" and tensor.dtype == dtype and tensor.dim() == dim
-            and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg())
+            and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
+            and not (tensor.requires_grad and torch.is_grad_enabled()))
 
 
 def entropy(logits: torch.Tensor) -> Optional[torch.Tensor]:
