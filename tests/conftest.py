@@ -18,6 +18,24 @@ def require_native_kernels():
         pytest.fail(f"the fused CPU kernels did not build: {native._STATE.get('reason')}")
 
 
+NATIVE_KERNELS = ("entropy", "ce_grad", "anchor_negatives", "prepare_rows", "push", "negative_mask")
+
+
+def count_kernel_calls(monkeypatch) -> dict:
+    """Wraps each wrapper of method/native.py: the returned dict counts, per kernel, the calls it handled (not
+    handed back to torch ops)."""
+    from u2pl_scale.method import native
+
+    handled = {}
+    for name in NATIVE_KERNELS:
+        def counted(*args, _name=name, _function=getattr(native, name), **kwargs):
+            result = _function(*args, **kwargs)
+            handled[_name] = handled.get(_name, 0) + (result is not None and result is not False)
+            return result
+        monkeypatch.setattr(native, name, counted)
+    return handled
+
+
 @pytest.fixture(params=["native", "torch-ops"])
 def cpu_kernels(request, monkeypatch):
     """Runs a CPU host-path test twice: with the fused C kernels, and with the torch ops they stand in for."""

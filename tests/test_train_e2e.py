@@ -94,6 +94,18 @@ def test_run_with_the_method_compiled(demo_shards, tmp_path):
     assert len(semi) == 4 and all(m["unsup"] > 0 and m["contra"] > 0 and 0 < m["reliable"] <= 1 for m in semi)
 
 
+def test_a_cpu_run_takes_the_fused_kernels_for_every_method_pass(demo_shards, tmp_path, monkeypatch):
+    """The trainer's U2PL steps on CPU hand all six method passes to the fused C kernels (method/native.py): none
+    falls back to torch ops through a dtype, layout or autograd mismatch in the real step."""
+    from conftest import NATIVE_KERNELS, count_kernel_calls, require_native_kernels
+
+    require_native_kernels()
+    handled = count_kernel_calls(monkeypatch)
+    summary, _ = run(tmp_path, "train.epochs=2", END_EVAL)
+    assert summary["steps"] == 8
+    assert handled == dict.fromkeys(NATIVE_KERNELS, 4), handled  # once in each of the 4 U2PL steps
+
+
 def test_supervised_only_method(demo_shards, tmp_path):
     summary, run_dir = run(tmp_path, "method.name=supervised", "train.epochs=2", END_EVAL)
     assert summary["steps"] == 8 and summary["evaluated_model"] == "student"
