@@ -128,6 +128,15 @@ static int status_of(const int *flags) {
     return status;
 }
 
+/* mx[x] = max over the C class planes (plane elements apart) of z[k * plane + x], for the W pixels of a row */
+static inline void class_max(const float *z, int64_t C, int64_t plane, int64_t W, float *mx) {
+    for (int64_t x = 0; x < W; ++x) mx[x] = z[x];
+    for (int64_t k = 1; k < C; ++k) {
+        const float *zk = z + k * plane;
+        for (int64_t x = 0; x < W; ++x) mx[x] = zk[x] > mx[x] ? zk[x] : mx[x];
+    }
+}
+
 /* ---- entropy ---- */
 typedef struct { const float *logits; float *out; int *bad; int64_t classes, height, width; } entropy_ctx;
 
@@ -142,11 +151,7 @@ static void entropy_rows(void *arg, int64_t begin, int64_t end, int worker) {
     for (int64_t row = begin; row < end; ++row) {
         int64_t b = row / c->height, y = row % c->height;
         const float *z = c->logits + b * C * plane + y * W;
-        for (int64_t x = 0; x < W; ++x) mx[x] = z[x];
-        for (int64_t k = 1; k < C; ++k) {
-            const float *zk = z + k * plane;
-            for (int64_t x = 0; x < W; ++x) mx[x] = zk[x] > mx[x] ? zk[x] : mx[x];
-        }
+        class_max(z, C, plane, W, mx);
         memset(total, 0, sizeof(float) * W);
         memset(weighted, 0, sizeof(float) * W);
         for (int64_t k = 0; k < C; ++k) {
@@ -193,11 +198,7 @@ static void ce_rows(void *arg, int64_t begin, int64_t end, int worker) {
         for (int64_t x = 0; x < W; ++x) {
             if (t[x] != c->ignore_index && (t[x] < 0 || t[x] >= C)) { c->bad[worker] = BAD_INPUT; goto done; }
         }
-        for (int64_t x = 0; x < W; ++x) mx[x] = z[x];
-        for (int64_t k = 1; k < C; ++k) {
-            const float *zk = z + k * plane;
-            for (int64_t x = 0; x < W; ++x) mx[x] = zk[x] > mx[x] ? zk[x] : mx[x];
-        }
+        class_max(z, C, plane, W, mx);
         memset(total, 0, sizeof(float) * W);
         for (int64_t k = 0; k < C; ++k) {
             const float *zk = z + k * plane;

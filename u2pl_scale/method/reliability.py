@@ -81,11 +81,11 @@ def entropy_from_logits(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch
             # -sum_c p log p (special.entr, 0 at p = 0): three kernels where the published formula takes six; it
             # differs from -sum_c p log(p + eps) by less than C * eps per pixel, as the CPU form below
             return torch.special.entr(torch.softmax(logits.float(), dim=1)).sum(1)
-        fused = native.entropy(logits.float())  # one pass in C where the kernels are built (same form, native.py)
+        logits = logits.float()
+        fused = native.entropy(logits)  # one pass in C where the kernels are built (same form, native.py)
         if fused is not None:
             return fused
         batch, classes, height, width = logits.shape
-        logits = logits.float()
         out = torch.empty(batch, height, width, dtype=torch.float32)
         chunks = cpu_row_chunks(logits.shape)
         size = classes * (chunks[0][2] - chunks[0][1]) * width
