@@ -103,7 +103,7 @@ def method_forward(inputs: dict, progress, generator=None):
     student_logits_u = inputs["student_logits_u"].view_as(inputs["student_logits_u"])
     rep = inputs["rep"].view_as(inputs["rep"])
     rel = reliability(inputs["teacher_logits_u"], inputs["pseudo_u"], drop_percent(progress), alpha_t(progress))
-    unsup = unsup_loss_from_reliable(student_logits_u, rel.reliable_labels, rel.kept_count)
+    unsup = unsup_loss_from_reliable(student_logits_u, rel.reliable_labels, rel.kept_count, rel.valid_count)
     labels, low, high = contrastive_inputs(inputs["labels_l"], inputs["pseudo_u"], rel.low_mask, rel.high_mask,
                                            inputs["feature_size"])
     contra = contrastive_loss(rep, inputs["rep_teacher"], inputs["prob_teacher"], labels, low, high,

@@ -71,6 +71,10 @@ def test_derived_steps_and_lr_scaling():
     d8 = derive(cfg, world_size=8, unlabeled_size=9118)
     assert d8.steps_per_epoch == math.ceil(9118 / 32)
     assert d8.lr == pytest.approx(0.002)  # linear rule: 8 x 4 / 16
+    # the published loader: DistributedSampler gives each rank ceil(N / W) samples, drop_last keeps full batches.
+    # Cityscapes 744: 2231 unlabeled on 8 GPUs x 2 -> 279 per rank -> 139 steps (ceil(2231 / 16) would be 140)
+    city = derive(load_config("configs/cityscapes_744.yaml"), world_size=8, unlabeled_size=2231)
+    assert city.steps_per_epoch == 139
     capped = derive(load_config("configs/voc_1464.yaml", ["train.max_steps=20"]), 4, 9118)
     assert capped.total_steps == 20
 

@@ -52,7 +52,7 @@ def test_fused_unsup_ce_matches_cross_entropy_value_and_gradient(small_chunks, c
     target[0, :4] = 255
     target[1, 3, 2:] = 255
     kept = (target != 255).sum()
-    fused = unsup_loss_from_reliable(logits, target, kept)
+    fused = unsup_loss_from_reliable(logits, target, kept, torch.tensor(2 * 11 * 7))
     (grad_fused,) = torch.autograd.grad(3 * fused, logits)
     reference = (2 * 11 * 7 / kept.float()) * (_ce_sum(logits, target, 255) / kept.float())
     (grad_reference,) = torch.autograd.grad(3 * reference, logits)

@@ -18,7 +18,8 @@ def pixel_ce(logits, b, y, x, label):
 
 
 def reference_unsup(student, pseudo, teacher, drop):
-    """The published compute_unsupervised_loss, pixel by pixel in float64."""
+    """The published compute_unsupervised_loss, pixel by pixel in float64, with ignored (padded) pseudo-labels
+    counted nowhere: the published `B*H*W / kept` is `valid / kept` here (its batches have no ignored pixel)."""
     batch, classes, height, width = student.shape
     entropies, pixels = [], []
     for b in range(batch):
@@ -35,7 +36,7 @@ def reference_unsup(student, pseudo, teacher, drop):
     thresh = np.percentile(np.array(entropies), 100 - drop)
     kept = [(b, y, x) for b, y, x, h in pixels if int(pseudo[b, y, x]) != 255 and not h >= thresh]
     ce = sum(pixel_ce(student, b, y, x, int(pseudo[b, y, x])) for b, y, x in kept) / len(kept)
-    return batch * height * width / len(kept) * ce, len(kept) / len(entropies)
+    return len(entropies) / len(kept) * ce, len(kept) / len(entropies)
 
 
 @pytest.mark.parametrize("drop", [20.0, 7.5, 0.0])
@@ -62,8 +63,25 @@ def test_unsup_loss_from_reliability_matches_unsup_loss():
     pseudo = teacher.argmax(1)
     expected, _ = reference_unsup(student, pseudo, teacher, 12.0)
     rel = reliability(teacher, pseudo, drop_percent=12.0, alpha_t=alpha_t(0.3))
-    got = unsup_loss_from_reliable(student, rel.reliable_labels, rel.kept_count)
+    got = unsup_loss_from_reliable(student, rel.reliable_labels, rel.kept_count, rel.valid_count)
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_unsup_loss_does_not_grow_with_padding():
+    """The same pixels with a padded border (ignored pseudo-labels, arbitrary logits) give the same loss: the
+    percentile, the kept pixels and the valid / kept scale are all over valid pixels."""
+    gen = torch.Generator().manual_seed(9)
+    student = torch.randn(2, 4, 6, 6, generator=gen)
+    teacher = 2 * torch.randn(2, 4, 6, 6, generator=gen)
+    pseudo = teacher.argmax(1)
+    plain, _ = unsup_loss(student, pseudo, teacher, 20.0)
+    padded_student = torch.cat([student, torch.randn(2, 4, 6, 10, generator=gen)], dim=3)  # 62.5 % padding
+    padded_teacher = torch.cat([teacher, torch.randn(2, 4, 6, 10, generator=gen)], dim=3)
+    padded_pseudo = torch.cat([pseudo, torch.full((2, 6, 10), 255)], dim=2)
+    padded, _ = unsup_loss(padded_student, padded_pseudo, padded_teacher, 20.0)
+    assert padded.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert padded.item() == pytest.approx(reference_unsup(padded_student, padded_pseudo, padded_teacher, 20.0)[0],
+                                          rel=1e-5)
 
 
 def test_unsup_loss_fp32_under_autocast_and_all_ignored_is_zero():

@@ -32,6 +32,9 @@ class DataConfig:
     class_names: Optional[list] = None
     crop_size: int = 513
     scale_range: list = field(default_factory=lambda: [0.5, 2.0])
+    # "published": with probability 0.5 a factor uniform in [low, 1), otherwise in [1, high] (the published
+    # RandResize; ranges that do not straddle 1 fall back to uniform); "uniform": uniform in [low, high]
+    scale_rule: str = "published"
     flip_prob: float = 0.5
     mean: list = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -65,12 +68,23 @@ class ModelConfig:
     aux_head: bool = False
     aux_weight: float = 0.4
     sync_bn: bool = True
+    # Dilations of the last ResNet stage's 3x3 convs, block by block ([4, 8, 16]: the published ResNet-101's
+    # multi-grid layer4); [] keeps timm's dilations (2, 4, 4 at output stride 8).
+    multi_grid: list = field(default_factory=list)
+    # Stem max-pool with ceil_mode, as published (one more row/column at stride 4 when the stem output is even).
+    stem_ceil_mode: bool = False
+    # pretrained_path must fill every backbone tensor and use every file tensor (an ImageNet classifier excepted);
+    # true turns that error into a warning.
+    allow_partial_load: bool = False
 
 
 @dataclass
 class ContrastiveConfig:
     enabled: bool = True
-    weight: float = 1.0
+    # The EFFECTIVE weight, the same at any world size (each rank's loss enters DDP's gradient average). The paper
+    # says 0.1; the published code writes 1.0 but all-reduces the value without gradient and divides by the world
+    # size, so its effective weight is 1/GPUs: 0.25 on VOC's 4 GPUs (this default), 0.125 on Cityscapes' 8.
+    weight: float = 0.25
     low_entropy_start: float = 20.0  # alpha_0 in percent; alpha_t = alpha_0 * (1 - t)
     anchor_threshold: float = 0.3
     negative_threshold: float = 1.0
@@ -97,6 +111,10 @@ class MethodConfig:
     name: str = "u2pl"  # u2pl | supervised
     sup_only_epoch: int = 1
     ema_decay: float = 0.99
+    # Epochs after the supervised-only ones in which the teacher's parameters are the student's: the published code
+    # re-copies them at every step of the first semi-supervised epoch. Then EMA with decay min(1 - 1/(k+1),
+    # ema_decay), k counted from the first semi-supervised step as published. 0: one copy, then the EMA at once.
+    teacher_follow_epochs: int = 1
     unsup_weight: float = 1.0
     drop_percent_start: float = 20.0  # percent of highest-entropy pixels dropped at t=0
     cutmix_prob: float = 0.5
@@ -185,6 +203,7 @@ _CHOICES = {
     "data.on_bad_sample": ("skip", "error"),
     "method.name": ("u2pl", "supervised"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "data.scale_rule": ("published", "uniform"),
     "optim.name": ("sgd", "adamw"),
     "eval.mode": ("whole", "sliding"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -341,6 +360,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.output_stride: must be 8, 16 or 32, got {cfg.model.output_stride}")
     if len(cfg.model.aspp_dilations) != 3:
         raise ConfigError(f"model.aspp_dilations: expected three dilations, got {cfg.model.aspp_dilations}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in cfg.model.multi_grid):
+        raise ConfigError(f"model.multi_grid: expected positive integer dilations (one per block of the last "
+                          f"stage) or [], got {cfg.model.multi_grid}")
     c = cfg.method.contrastive
     if not (0 <= c.low_rank < c.high_rank):
         raise ConfigError(f"method.contrastive.low_rank/high_rank: need 0 <= low_rank < high_rank, got "
@@ -370,6 +392,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
     if cfg.method.sup_only_epoch < 0:
         raise ConfigError("method.sup_only_epoch: must be >= 0")
+    if cfg.method.teacher_follow_epochs < 0:
+        raise ConfigError("method.teacher_follow_epochs: must be >= 0")
+    if cfg.method.contrastive.weight < 0:
+        raise ConfigError(f"method.contrastive.weight: must be >= 0, got {cfg.method.contrastive.weight}")
     if cfg.engine.zero_stage not in (0, 1, 2):
         raise ConfigError(f"engine.zero_stage: 0, 1 or 2 are supported, got {cfg.engine.zero_stage}")
     if cfg.eval.crop_size < 16 or not (0 < cfg.eval.stride_rate <= 1):
@@ -438,8 +464,9 @@ class Derived:
 
 
 def derive(cfg: Config, world_size: int, unlabeled_size: int) -> Derived:
-    """Scaling maths (README "Scaling"): steps per epoch from the unlabeled set size and the global batch;
-    LR scaled by the global labeled batch relative to the published reference batch."""
+    """Scaling maths (README "Scaling"): steps per epoch from the unlabeled set size and the global batch, as the
+    published DistributedSampler + drop_last loader counts them (each rank gets ceil(N / W) samples, full batches
+    only); LR scaled by the global labeled batch relative to the published reference batch."""
     gl = cfg.data.batch_size_labeled * world_size
     gu = cfg.data.batch_size_unlabeled * world_size
     if cfg.data.steps_per_epoch > 0:
@@ -448,7 +475,7 @@ def derive(cfg: Config, world_size: int, unlabeled_size: int) -> Derived:
         if unlabeled_size <= 0:
             raise ConfigError("data.steps_per_epoch: cannot derive it, the unlabeled set size is unknown "
                               "(set data.unlabeled_size or data.steps_per_epoch, or use a manifest)")
-        spe = max(1, math.ceil(unlabeled_size / gu))
+        spe = max(1, math.ceil(unlabeled_size / world_size) // cfg.data.batch_size_unlabeled)
     total = spe * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)

@@ -273,6 +273,7 @@ class _TrainBatches(IterableDataset):
         self.num_classes, self.ignore_index = data_cfg.num_classes, data_cfg.ignore_index
         self.crop_size, self.scale_range, self.flip_prob = data_cfg.crop_size, data_cfg.scale_range, data_cfg.flip_prob
         self.mean, self.shuffle_capacity = data_cfg.mean, data_cfg.shuffle_buffer
+        self.scale_rule = data_cfg.scale_rule
         self.on_bad_sample = data_cfg.on_bad_sample
 
     def _owned_samples(self, global_worker: int, global_workers: int, counts: collections.Counter) -> Iterator:
@@ -326,7 +327,7 @@ class _TrainBatches(IterableDataset):
                 continue
             rng = _rng(self.seed, self.epoch, self.rank, role, position)  # per sample, so skipping needs no draws
             augmented = weak_augment(decoded.image, decoded.mask, rng, self.crop_size, self.scale_range,
-                                     self.flip_prob, self.mean, self.ignore_index)
+                                     self.flip_prob, self.mean, self.ignore_index, self.scale_rule)
             pending.append((key, augmented))
             if len(pending) == self.batch_size:
                 yield self._collate(pending, counts)

@@ -26,16 +26,29 @@ def fill_colour(mean: Sequence[float]) -> np.ndarray:
     return np.clip(np.rint(np.asarray(mean, dtype=np.float64)), 0, 255).astype(np.uint8)
 
 
+def random_scale(rng: np.random.Generator, scale_range: Sequence[float], rule: str = "published") -> float:
+    """The resize factor. "published" (the published RandResize): with probability 0.5 uniform in [low, 1), else
+    uniform in [1, high), so shrinking and enlarging are equally likely whatever the range's lengths; a range
+    that does not straddle 1 is drawn uniformly. "uniform": uniform in [low, high)."""
+    low, high = float(scale_range[0]), float(scale_range[1])
+    if rule == "published" and low < 1.0 < high:
+        return rng.uniform(low, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, high)
+    return rng.uniform(low, high)
+
+
 def weak_augment(image: np.ndarray, mask: Optional[np.ndarray], rng: np.random.Generator, crop_size: int,
                  scale_range: Sequence[float] = (0.5, 2.0), flip_prob: float = 0.5,
-                 mean: Sequence[float] = (123.675, 116.28, 103.53), ignore_index: int = 255) -> AugmentedSample:
-    """Rescale by a factor uniform in scale_range, pad to crop_size, random crop, random horizontal flip.
+                 mean: Sequence[float] = (123.675, 116.28, 103.53), ignore_index: int = 255,
+                 scale_rule: str = "published") -> AugmentedSample:
+    """Rescale by a random factor (random_scale), pad to crop_size, random crop, random horizontal flip.
 
     image: uint8 [H, W, 3]; mask: uint8 [H, W] or None. Padding goes to the bottom and right (as the published
-    code); the crop window is drawn over the padded extent, so only the visible part is ever copied.
+    code); the crop window is drawn over the padded extent, so only the visible part is ever copied. Padded label
+    pixels are ignore_index, the paper's intent (the published code pads labels with class 0, which trains
+    padding as background): they count in no loss and no metric.
     """
     height, width = image.shape[:2]
-    scale = rng.uniform(scale_range[0], scale_range[1])
+    scale = random_scale(rng, scale_range, scale_rule)
     new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
     if (new_h, new_w) != (height, width):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..method.contrastive import contrastive_finish, contrastive_inputs, contrastive_prepare, push_prepared
 from ..method.color import random_hue
 from ..method.cutmix import cutmix, cutmix_flag
-from ..method.losses import ohem_ce, unsup_loss_from_reliable
+from ..method.losses import ce_mean, ohem_ce, unsup_loss_from_reliable
 from ..method.reliability import alpha_t, drop_percent, reliability
 
 
@@ -76,8 +76,8 @@ def supervised_loss(sc: StepConfig, logits_l: torch.Tensor, aux_l, labels: torch
         logits = upsample(logits.float(), size)
         if sc.ohem:
             return ohem_ce(logits, labels, thresh=sc.ohem_thresh, min_kept=sc.ohem_min_kept,
-                                  ignore_index=sc.ignore_index)
-        return F.cross_entropy(logits, labels, ignore_index=sc.ignore_index)
+                           ignore_index=sc.ignore_index)
+        return ce_mean(logits, labels, ignore_index=sc.ignore_index)  # 0, not NaN, when every pixel is ignored
 
     loss = criterion(logits_l)
     if aux_l is not None and sc.aux_weight > 0:
@@ -142,7 +142,7 @@ def method_before_push(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, 
     rel = reliability(logits_u_t, pseudo_u, drop_percent(progress, sc.drop_percent_start),
                       alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
     unsup = unsup_loss_from_reliable(upsample(pred[b_l:], y_l.shape[-2:]), rel.reliable_labels, rel.kept_count,
-                                     ignore_index=ignore)
+                                     rel.valid_count, ignore_index=ignore)
     prepared = None
     if sc.contra_enabled:
         labels_small, low_small, high_small = contrastive_inputs(

@@ -108,6 +108,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     total = derived.total_steps
     spe = derived.steps_per_epoch
+    follow_until = derived.sup_only_steps + cfg.method.teacher_follow_epochs * spe  # spec §2, published EMA start
 
     if main:
         print("[u2pl] resolved config:\n" + to_yaml(cfg), flush=True)
@@ -238,7 +239,10 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 images_seen += x_l.shape[0]
             backend.backward_and_step(terms["loss"])
             if semi:
-                ema.update_(teacher, module, steps_since_copy, cfg.method.ema_decay)
+                if step < follow_until:
+                    ema.follow_(teacher, module)
+                else:
+                    ema.update_(teacher, module, steps_since_copy, cfg.method.ema_decay)
                 steps_since_copy += 1
             meter.add(terms)
             step += 1

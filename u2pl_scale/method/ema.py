@@ -5,6 +5,7 @@ optimiser step `update_` sets teacher = decay * teacher + (1 - decay) * student 
 decay = min(1 - 1/(k + 1), ema_decay) and k the number of updates since the copy (0, 1/2, 2/3, ... capped at
 0.99). Buffers (BN running statistics) are not averaged: the teacher's come from its own train-mode forwards, as in
 the published code. Pass the unwrapped modules (not DDP wrappers) so both sides list the same parameters.
+For `teacher_follow_epochs` after the copy the published code keeps re-copying the parameters (`follow_`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def copy_(teacher: nn.Module, student: nn.Module) -> None:
         torch._foreach_copy_(teacher_params, student_params)
     if teacher_buffers:
         torch._foreach_copy_(teacher_buffers, student_buffers)
+
+
+@torch.no_grad()
+def follow_(teacher: nn.Module, student: nn.Module) -> None:
+    """teacher <- student for parameters only, exactly (the published first semi-supervised epoch, in which the
+    teacher's parameters are the student's while its BN statistics stay its own)."""
+    teacher_params, student_params = _paired(teacher.parameters(), student.parameters(), "parameters")
+    if teacher_params:
+        torch._foreach_copy_(teacher_params, student_params)
 
 
 @torch.no_grad()

@@ -121,11 +121,13 @@ class _ScaledCESumCPU(torch.autograd.Function):
 
 
 def unsup_loss_from_reliable(
-    student_logits_u: torch.Tensor, reliable_labels: torch.Tensor, kept_count: torch.Tensor, ignore_index: int = 255
+    student_logits_u: torch.Tensor, reliable_labels: torch.Tensor, kept_count: torch.Tensor,
+    valid_count: torch.Tensor, ignore_index: int = 255
 ) -> torch.Tensor:
-    """`(B*H*W / kept) * CE(mean over kept)` as the published compute_unsupervised_loss (spec section 4)."""
-    batch, _, height, width = student_logits_u.shape
-    scale = torch.div(batch * height * width, kept_count.detach().clamp(min=1) ** 2)  # B*H*W / kept^2, fp32
+    """`(valid / kept) * CE(mean over kept)`, the published compute_unsupervised_loss's `(B*H*W / kept)` (spec
+    section 4) with both counts over the same pixels: the published code has no ignored pseudo-label, so its
+    B*H*W are its valid pixels; here padding is ignored and must not count, or the loss grows with it."""
+    scale = valid_count.detach().float() / kept_count.detach().clamp(min=1).float() ** 2  # valid / kept^2, fp32
     if host_path(student_logits_u.device) and student_logits_u.dim() == 4:
         with torch.autocast("cpu", enabled=False):
             return _ScaledCESumCPU.apply(student_logits_u.float(), reliable_labels, ignore_index, scale)
@@ -142,7 +144,7 @@ def unsup_loss(
     """Unsupervised loss on reliable pseudo-labels (spec section 4, published compute_unsupervised_loss).
 
     Entropy of softmax(teacher_logits_u); threshold = percentile (100 - drop_percent) over non-ignored pixels;
-    non-ignored pixels with H >= threshold are dropped; loss = (B*H*W / kept) * mean CE over kept.
+    non-ignored pixels with H >= threshold are dropped; loss = (valid / kept) * mean CE over kept.
     Returns (loss, reliable ratio kept/valid as a 0-dim tensor for logging). `pseudo_labels` is not modified.
     When the step already has a `reliability(...)` result, use `unsup_loss_from_reliable` to reuse its sort.
     """
@@ -151,5 +153,6 @@ def unsup_loss(
         valid = pseudo_labels != ignore_index
         threshold = percentile(entropy_map, valid, 100.0 - drop_percent)
         reliable_labels, kept_count = drop_unreliable(pseudo_labels, entropy_map, threshold, ignore_index)
-        ratio = kept_count.float() / valid.sum().clamp(min=1).float()
-    return unsup_loss_from_reliable(student_logits_u, reliable_labels, kept_count, ignore_index), ratio
+        valid_count = valid.sum()
+        ratio = kept_count.float() / valid_count.clamp(min=1).float()
+    return unsup_loss_from_reliable(student_logits_u, reliable_labels, kept_count, valid_count, ignore_index), ratio
