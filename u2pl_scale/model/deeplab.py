@@ -2,15 +2,15 @@
 
 The backbone is `timm.create_model(name, features_only=True, output_stride=...)`; the head takes the stride-4
 feature (low level), the last feature (ASPP) and, for the optional auxiliary head, the one before the last.
+The published layout options and the checked weight loading are in backbone.py.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .backbone import create_backbone
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
@@ -42,39 +42,16 @@ def _head(cin: int, channels: int, cout: int, dropout: float) -> nn.Sequential:
                          nn.Conv2d(channels, cout, 1))
 
 
-def _load_local_weights(backbone: nn.Module, path: str) -> None:
-    """Load backbone weights from a local .pth/.pt/.safetensors file without unpickling arbitrary objects."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model.pretrained_path: weights file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    own = backbone.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ValueError(f"model.pretrained_path: no tensor in {p} matches the backbone's parameters")
-    backbone.load_state_dict(matched, strict=False)
-
-
 class DeepLabV3Plus(nn.Module):
     """Student/teacher network: returns {"pred": logits at stride 4, "rep": features at stride 4, "aux"?}."""
 
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "",
                  output_stride: int = 8, aspp_dilations=(12, 24, 36), head_channels: int = 256,
-                 low_level_channels: int = 256, rep_dim: int = 256, dropout: float = 0.1, aux_head: bool = False):
+                 low_level_channels: int = 256, rep_dim: int = 256, dropout: float = 0.1, aux_head: bool = False,
+                 multi_grid=(), stem_ceil_mode: bool = False, allow_partial_load: bool = False):
         super().__init__()
-        use_hub = pretrained and not pretrained_path
-        self.backbone = timm.create_model(backbone, features_only=True, output_stride=output_stride,
-                                          pretrained=use_hub)
-        if pretrained and pretrained_path:
-            _load_local_weights(self.backbone, pretrained_path)
+        self.backbone = create_backbone(backbone, output_stride, pretrained, pretrained_path, multi_grid,
+                                        stem_ceil_mode, allow_partial_load)
         reductions = self.backbone.feature_info.reduction()
         channels = self.backbone.feature_info.channels()
         if 4 not in reductions:
@@ -110,7 +87,8 @@ def build_model(model_cfg, num_classes: int) -> DeepLabV3Plus:
         pretrained_path=model_cfg.pretrained_path, output_stride=model_cfg.output_stride,
         aspp_dilations=model_cfg.aspp_dilations, head_channels=model_cfg.head_channels,
         low_level_channels=model_cfg.low_level_channels, rep_dim=model_cfg.rep_dim, dropout=model_cfg.dropout,
-        aux_head=model_cfg.aux_head)
+        aux_head=model_cfg.aux_head, multi_grid=model_cfg.multi_grid, stem_ceil_mode=model_cfg.stem_ceil_mode,
+        allow_partial_load=model_cfg.allow_partial_load)
 
 
 def convert_sync_bn(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
