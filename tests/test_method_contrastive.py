@@ -229,3 +229,11 @@ def test_top_mask_matches_a_sort_for_every_k_both_ways():
             chosen = order[:, :k] if largest else order[:, num_classes - k:]
             expected = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, chosen, True)
             assert torch.equal(_top_mask(keys, k, largest), expected), (k, largest)
+
+
+def test_few_class_warning_names_what_the_loss_cannot_do():
+    from u2pl_scale.method.diagnostics import few_class_warning
+    assert few_class_warning(21, 3) is None and few_class_warning(6, 3) is None  # a cut window loses nothing
+    text = few_class_warning(3, 3)
+    assert "unlabeled pixels are never negatives" in text and "low_rank" in text
+    assert few_class_warning(2, 1) is None

@@ -53,3 +53,16 @@ def test_update_returns_decay_and_rejects_mismatched_models():
     assert update_(teacher, student, 2) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="parameters"):
         update_(teacher, nn.Linear(3, 4), 0)
+
+
+def test_follow_copies_parameters_exactly_and_keeps_the_teachers_statistics():
+    import torch.nn as nn
+    from u2pl_scale.method import ema
+    torch.manual_seed(0)
+    student, teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    student[1].running_mean.fill_(0.5)
+    teacher_stats = teacher[1].running_mean.clone()
+    ema.follow_(teacher, student)
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        assert torch.equal(t, s) and t.data_ptr() != s.data_ptr()  # equal values, not shared storage
+    assert torch.equal(teacher[1].running_mean, teacher_stats)

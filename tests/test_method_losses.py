@@ -154,3 +154,20 @@ def test_sup_loss_with_aux_hand_case():
     target = torch.tensor([[[1, 255]]])
     expected = -math.log(0.75) + 0.4 * math.log(2)
     assert sup_loss(logits, target, aux_logits=aux, aux_weight=0.4).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_supervised_loss_of_an_all_ignore_batch_is_zero_and_counted():
+    from u2pl_scale.config import load_config
+    from u2pl_scale.engine.step import StepConfig, empty_labels, supervised_loss
+    sc = StepConfig.from_config(load_config("configs/demo.yaml"))
+    logits = torch.randn(2, 6, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 16, 16), 255)
+    loss = supervised_loss(sc, logits, None, ignored)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    assert empty_labels(sc, ignored).item() == 1.0
+    labels = ignored.clone()
+    labels[1, 3, 5] = 2  # one labeled pixel: the CE of that pixel alone (bilinear, align_corners upsampling)
+    assert empty_labels(sc, labels).item() == 0.0
+    up = torch.nn.functional.interpolate(logits.detach(), size=(16, 16), mode="bilinear", align_corners=True)
+    assert supervised_loss(sc, logits, None, labels).item() == pytest.approx(pixel_ce(up, 1, 3, 5, 2), rel=1e-5)

@@ -60,6 +60,16 @@ def test_demo_run_writes_a_complete_run_dir(demo_shards, tmp_path):
     assert {m["phase"] for m in train_lines[:4]} == {"sup-only"} and {m["phase"] for m in train_lines[4:]} == {"u2pl"}
     semi = train_lines[-1]
     assert semi["unsup"] > 0 and 0 < semi["reliable"] <= 1
+    check_method_metrics(train_lines[4:], capacity=2000, num_classes=6)
+    assert summary["empty_labeled_batches"] == 0
+    # teacher_follow_epochs=1: through the first U2PL epoch (steps 5-8) the teacher's parameters are the
+    # student's; the EMA starts after it
+    mid = torch.load(run_dir / "checkpoints" / "step_00000008" / "state.pt", weights_only=True)
+    end = torch.load(run_dir / "checkpoints" / "step_00000012" / "state.pt", weights_only=True)
+    for name, value in mid["model"].items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(mid["teacher"][name], value), name
+    assert any(not torch.equal(end["teacher"][k], v) for k, v in end["model"].items() if v.is_floating_point())
     assert len([m for m in read_metrics(run_dir) if m["kind"] == "val"]) == 3  # one eval per epoch
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     from PIL import Image
@@ -68,6 +78,21 @@ def test_demo_run_writes_a_complete_run_dir(demo_shards, tmp_path):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000008", "step_00000012"]  # keep_checkpoints=2, no temporary left behind
     assert (run_dir / "best.pt").is_file()
+
+
+def check_method_metrics(lines, capacity, num_classes):
+    """The method's log values (one line per step here) hold together: the queue fill of each class is the sum of
+    the rows pushed so far, capped at its capacity (an independent count from the log), and the rest are in range."""
+    pushed_so_far = [0] * num_classes
+    for m in lines:
+        assert 0 <= m["classes_with_anchors"] <= m["classes_present"] <= num_classes
+        assert 0.0 <= m["agreement"] <= 1.0 and 0 < m["drop_percent"] <= 20
+        assert m["negatives_from_labeled"] >= 0 and m["negatives_from_unlabeled"] >= 0
+        assert sum(m["queue_pushed"]) <= m["negatives_from_labeled"] + m["negatives_from_unlabeled"]
+        pushed_so_far = [a + b for a, b in zip(pushed_so_far, m["queue_pushed"])]
+        assert m["queue_fill"] == pytest.approx([min(n, capacity) / capacity for n in pushed_so_far], abs=1e-4)
+        assert m["queues_overwritten"] == sum(n >= capacity for n in m["queue_pushed"])
+    assert lines[-1]["negatives_from_labeled"] + lines[-1]["negatives_from_unlabeled"] > 0
 
 
 def test_resume_from_a_mid_run_checkpoint_ends_at_the_same_step(demo_shards, tmp_path):
@@ -101,9 +126,12 @@ def test_a_cpu_run_takes_the_fused_kernels_for_every_method_pass(demo_shards, tm
 
     require_native_kernels()
     handled = count_kernel_calls(monkeypatch)
-    summary, _ = run(tmp_path, "train.epochs=2", END_EVAL)
+    summary, _ = run(tmp_path, "train.epochs=2", "train.log_interval=100", END_EVAL)
     assert summary["steps"] == 8
-    assert handled == dict.fromkeys(NATIVE_KERNELS, 4), handled  # once in each of the 4 U2PL steps
+    # once in each of the 4 U2PL steps; the last step is a log step, whose diagnostics (method/diagnostics.py)
+    # take the entropy and the negatives' class mask once more
+    expected = dict.fromkeys(NATIVE_KERNELS, 4) | {"entropy": 5, "negative_mask": 5}
+    assert handled == expected, handled
 
 
 def test_supervised_only_method(demo_shards, tmp_path):

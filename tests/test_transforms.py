@@ -113,3 +113,20 @@ def test_normalize_by_hand(channels_last):
     assert out.dtype == torch.float32
     assert torch.allclose(out, expected)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_published_scale_rule_shrinks_and_enlarges_equally_often():
+    """The published RandResize: half the draws in [0.5, 1), half in [1, 2), each uniform; a uniform draw over
+    [0.5, 2) would shrink only a third of the time."""
+    from u2pl_scale.data.transforms import random_scale
+    rng = np.random.default_rng(0)
+    draws = np.array([random_scale(rng, (0.5, 2.0), "published") for _ in range(20000)])
+    assert draws.min() >= 0.5 and draws.max() < 2.0
+    small, large = draws[draws < 1.0], draws[draws >= 1.0]
+    assert abs(len(small) / len(draws) - 0.5) < 0.015
+    assert abs(small.mean() - 0.75) < 0.01 and abs(large.mean() - 1.5) < 0.02  # uniform within each half
+    uniform = np.array([random_scale(rng, (0.5, 2.0), "uniform") for _ in range(20000)])
+    assert abs((uniform < 1.0).mean() - 1 / 3) < 0.015
+    # a range on one side of 1 is drawn uniformly under either rule
+    above = np.array([random_scale(rng, (1.25, 1.75), "published") for _ in range(5000)])
+    assert above.min() >= 1.25 and abs(above.mean() - 1.5) < 0.01

@@ -44,6 +44,10 @@ def save_prediction_grid(path: Path, pictures: list, num_classes: int) -> None:
         Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class RunOutputs:
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, start_step: int, progress_bar: bool):
         self.enabled = enabled
@@ -76,8 +80,11 @@ class RunOutputs:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if _is_number(v):
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            elif isinstance(v, list) and v and all(map(_is_number, v)):  # per-class values: one curve per class
+                for index, value in enumerate(v):
+                    self.tb.add_scalar(f"{prefix}/{k}/{index}", value, step)
         if self.bar is not None and prefix == "train":
             short = {k: metrics[k] for k in ("loss", "sup", "unsup", "contra", "lr", "reliable") if k in metrics}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()})

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..method.contrastive import contrastive_finish, contrastive_inputs, contrastive_prepare, push_prepared
 from ..method.color import random_hue
 from ..method.cutmix import cutmix, cutmix_flag
+from ..method.diagnostics import step_diagnostics
 from ..method.losses import ce_mean, ohem_ce, unsup_loss_from_reliable
 from ..method.reliability import alpha_t, drop_percent, reliability
 
@@ -92,7 +93,13 @@ def supervised_step(sc: StepConfig, student, x_l: torch.Tensor, y_l: torch.Tenso
     sup = supervised_loss(sc, out["pred"], out.get("aux"), y_l)
     loss = sup + 0.0 * out["rep"].float().sum()
     zero = torch.zeros((), device=x_l.device)
-    return {"loss": loss, "sup": sup.detach(), "unsup": zero, "contra": zero, "reliable": zero}
+    return {"loss": loss, "sup": sup.detach(), "unsup": zero, "contra": zero, "reliable": zero,
+            "sup_empty": empty_labels(sc, y_l)}
+
+
+def empty_labels(sc: StepConfig, y_l: torch.Tensor) -> torch.Tensor:
+    """1.0 when every pixel of the labeled batch is ignored (its supervised loss is 0), else 0.0: counted."""
+    return (y_l != sc.ignore_index).any().logical_not().float()
 
 
 def pseudo_labels(sc: StepConfig, teacher, x_u, valid_u, autocast_ctx, generator=None):
@@ -270,8 +277,9 @@ def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, l
 
 
 def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, progress: float, autocast_ctx,
-              generator: torch.Generator | None = None) -> dict:
-    """The semi-supervised step (spec §3); `progress` = epoch / epochs drives both schedules."""
+              generator: torch.Generator | None = None, diagnose: bool = False) -> dict:
+    """The semi-supervised step (spec §3); `progress` = epoch / epochs drives both schedules. With `diagnose` (log
+    steps) the result also holds `diag`: what the method did (method/diagnostics.py)."""
     b_l = x_l.shape[0]
     # 2-3. pseudo-labels, CutMix
     x_u, pseudo_u = pseudo_labels(sc, teacher, x_u, valid_u, autocast_ctx, generator)
@@ -289,5 +297,12 @@ def u2pl_step(sc: StepConfig, student, teacher, queues, x_l, y_l, x_u, valid_u, 
                                                 progress, generator)
     # 8. total loss
     loss = sup + sc.unsup_weight * unsup + sc.contra_weight * contra
-    return {"loss": loss, "sup": sup.detach(), "unsup": unsup.detach(), "contra": contra.detach(),
-            "reliable": reliable.detach()}
+    terms = {"loss": loss, "sup": sup.detach(), "unsup": unsup.detach(), "contra": contra.detach(),
+             "reliable": reliable.detach(), "sup_empty": empty_labels(sc, y_l)}
+    if diagnose:
+        terms["diag"] = step_diagnostics(
+            pred.detach(), y_l, pseudo_u, prob_t, logits_u_t, progress, ignore_index=sc.ignore_index,
+            drop_percent_start=sc.drop_percent_start, low_entropy_start=sc.low_entropy_start,
+            anchor_threshold=sc.anchor_threshold, negative_threshold=sc.negative_threshold, low_rank=sc.low_rank,
+            high_rank=sc.high_rank)
+    return terms

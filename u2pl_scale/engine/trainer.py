@@ -9,6 +9,7 @@ import copy
 import hashlib
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from ..atomic import atomic_path, write_json_atomic
 from ..config import Config, derive, queue_capacities, to_yaml
 from ..data import stream
 from ..data.transforms import normalize
-from ..method import ema
+from ..method import diagnostics, ema
+from ..method.reliability import drop_percent
 from ..method.queues import ClassQueues
 from ..model import build_model, convert_sync_bn
 from . import checkpoint as ckpt
@@ -68,21 +70,37 @@ def queue_digest(queues: ClassQueues) -> str:
 
 
 class _Meter:
-    """Sums device tensors between log steps; reads them back to the host only when asked."""
+    """Sums device tensors between log steps; reads them back to the host only when asked. Means, except the
+    `COUNTED` terms, which are reported as counts over the interval and kept as run totals."""
+
+    COUNTED = ("sup_empty",)  # labeled batches with every pixel ignored (their supervised loss is 0)
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.totals: dict[str, float] = {k: 0.0 for k in self.COUNTED}
 
     def add(self, values: dict) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach().clone()
+            if torch.is_tensor(v):
+                self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach().clone()
         self.count += 1
 
     def read(self) -> dict:
-        out = {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
+        out = {k: float(v) if k in self.COUNTED else float(v) / max(1, self.count) for k, v in self.sums.items()}
+        for k in self.COUNTED:
+            self.totals[k] += out.get(k, 0.0)
         self.sums, self.count = {}, 0
         return out
+
+
+def method_metrics(terms: dict, queues: ClassQueues, progress: float, cfg: Config, world: int) -> dict:
+    """What the method did at a log step (method/diagnostics.py), summed over ranks (every rank logs at the same
+    steps, so the collectives match)."""
+    diag = {k: dist.all_reduce_sum(v.clone()) for k, v in terms["diag"].items()}
+    metrics = diagnostics.summarize(diag, queues.capacities, queues.fill, world)
+    metrics["drop_percent"] = drop_percent(progress, cfg.method.drop_percent_start)
+    return metrics
 
 
 def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
@@ -112,6 +130,9 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
 
     if main:
         print("[u2pl] resolved config:\n" + to_yaml(cfg), flush=True)
+        few = diagnostics.few_class_warning(cfg.data.num_classes, cfg.method.contrastive.low_rank)
+        if few and cfg.method.name == "u2pl" and cfg.method.contrastive.enabled:
+            warnings.warn(f"[u2pl] {few}", stacklevel=2)
         print(f"[u2pl] derived: {derived.as_dict()} (rank source: {info.source}, backend: {info.backend}, "
               f"device: {device})", flush=True)
 
@@ -231,8 +252,9 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
             if semi:
                 x_u, _ = prepare(batch_u, with_label=False)
                 valid_u = batch_u["valid"].to(device, non_blocking=True)
+                logging_next = (step + 1) % cfg.train.log_interval == 0 or step + 1 == total
                 terms = u2pl_step(sc, student, teacher, queues, x_l, y_l, x_u, valid_u, progress, autocast_ctx,
-                                  generator)
+                                  generator, diagnose=logging_next)
                 images_seen += x_l.shape[0] + x_u.shape[0]
             else:
                 terms = supervised_step(sc, student, x_l, y_l, autocast_ctx)
@@ -253,6 +275,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 metrics.update(lr=backend.lr, epoch=epoch, phase="u2pl" if semi else "sup-only",
                                images_per_s=images_seen * world / max(1e-9, now - t_loop),
                                step_s=(now - t_log) / cfg.train.log_interval)
+                if semi:
+                    metrics.update(method_metrics(terms, queues, progress, cfg, world))
                 skipped = dist.add_counts(bad_counts, *(ld.bad_counts for ld in loaders))  # this epoch's so far
                 if skipped:
                     metrics["bad_samples"] = skipped
@@ -298,6 +322,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         "precision": cfg.train.precision,  # as run (train.precision=auto resolved)
         "derived": derived.as_dict(),
         "bad_samples": bad_counts,
+        "empty_labeled_batches": dist.sum_counts({"sup_empty": int(meter.totals["sup_empty"])}).get("sup_empty", 0),
         "val_bad_samples": dist.sum_counts(val_bad),
         "resumed_from": resumed_from,
         "queue_digests": dist.gather_objects(queue_digest(queues)),
