@@ -6,7 +6,9 @@ extras = {
     "ray": ["ray[train]>=2.9"],
     "deepspeed": ["deepspeed>=0.14"],
     "slurm": ["submitit>=1.5"],
-    "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3"],
+    # launchers/export.py --format onnx (torch's TorchScript-based ONNX exporter) and the tests that run it
+    "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+    "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "onnx>=1.15", "onnxruntime>=1.17"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

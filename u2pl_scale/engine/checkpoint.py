@@ -114,3 +114,31 @@ def load_checkpoint(path: Path) -> tuple[dict, Optional[dict]]:
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
     return state, rng
+
+
+META_FORMAT = "u2pl-scale/1"
+
+
+def checkpoint_meta(cfg, evaluated_model: str, step: int) -> dict:
+    """What a checkpoint needs to be used on its own (u2pl_scale/inference): the model's config, the classes, the
+    normalisation, which network was evaluated and the training config as YAML. Plain types only, so the file
+    loads with torch.load(weights_only=True)."""
+    import dataclasses
+
+    from ..config import to_yaml
+
+    return {
+        "format": META_FORMAT,
+        "model": dataclasses.asdict(cfg.model),
+        "num_classes": int(cfg.data.num_classes),
+        "class_names": list(cfg.data.class_names) if cfg.data.class_names else None,
+        "ignore_index": int(cfg.data.ignore_index),
+        "mean": [float(v) for v in cfg.data.mean],
+        "std": [float(v) for v in cfg.data.std],
+        "evaluated_model": evaluated_model,
+        "step": int(step),
+        "eval": dataclasses.asdict(cfg.eval),
+        "precision": cfg.train.precision,
+        "channels_last": bool(cfg.train.channels_last),
+        "config": to_yaml(cfg),
+    }

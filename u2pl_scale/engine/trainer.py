@@ -193,7 +193,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     def state_dict() -> dict:
         return {"model": module.state_dict(), "teacher": teacher.state_dict(), "backend": backend.state_dict(),
                 "queues": queues.state_dict(), "step": step, "semi_started": semi_started,
-                "steps_since_copy": steps_since_copy, "best_miou": best_miou, "config": to_yaml(cfg)}
+                "steps_since_copy": steps_since_copy, "best_miou": best_miou, "config": to_yaml(cfg),
+                "meta": ckpt.checkpoint_meta(cfg, "teacher" if semi_started else "student", step)}
 
     def save(metrics: dict) -> Path:
         path = ckpt.save_checkpoint(run_dir, step, state_dict(), keep=cfg.train.keep_checkpoints,
@@ -214,7 +215,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
             best_miou = result["miou"]
             if main:
                 with atomic_path(run_dir / "best.pt") as tmp:
-                    torch.save({"model": eval_model.state_dict(), "step": step, "miou": best_miou}, tmp)
+                    torch.save({"model": eval_model.state_dict(), "step": step, "miou": best_miou,
+                                "meta": ckpt.checkpoint_meta(cfg, result["model"], step)}, tmp)
         out.log(step, {"miou": result["miou"], "best_miou": best_miou}, prefix="val")
         out.message(f"[u2pl] step {step}: {result['model']} mIoU {100 * result['miou']:.2f} "
                     f"({result['eval_mode']})")
