@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,13 @@ from u2pl_scale.config import load_config
 from u2pl_scale.engine.step import StepConfig, u2pl_step
 from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
+from test_method_queues import free_port
 
 OVERRIDES = ["model.backbone=resnet10t", "model.head_channels=16", "model.low_level_channels=8", "model.rep_dim=8",
              "model.dropout=0.0", "method.cutmix_prob=0.0", "method.contrastive.negative_threshold=0.0",
              "method.contrastive.num_anchors=16", "method.contrastive.num_negatives=4",
              "method.contrastive.weight=0.25", "method.contrastive.anchor_threshold=0.0"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step_gradient(world_size: int, rank: int = 0) -> dict:
@@ -79,7 +73,7 @@ def test_contrastive_gradient_is_the_same_on_one_and_two_ranks(tmp_path):
     assert single["contra"] > 0  # the contrastive term is live
     assert any(g.abs().sum() > 0 for g in single["grads"].values())
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_rank_main, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
     double = torch.load(out, weights_only=True)
     # equal up to float rounding (the ranks run on one thread each, the single process on more)
     assert double["contra"] == pytest.approx(single["contra"], rel=1e-5)

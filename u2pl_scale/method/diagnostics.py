@@ -2,7 +2,8 @@
 one source only, or queues overwritten every step must be visible while a run trains (U2PL_SPEC.md sections 4, 6).
 
 Computed on log steps only, without gradients, from the same tensors as the step (the same masks: the functions
-are deterministic), so the step itself is unchanged. Nothing here reads a value back to the host.
+are deterministic), so the step itself is unchanged. `step_diagnostics` reads nothing back to the host;
+`summarize` does, once, on the log step.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def summarize(diag: dict, capacities: torch.Tensor, fill: torch.Tensor, world_si
     """Log values from `step_diagnostics` summed over ranks and the shared queues' state. `queue_pushed`: rows
     each class's queue took this step (all ranks' negatives, at most its capacity); a queue whose pushed rows reach
     its capacity is overwritten whole every step (`queues_overwritten`)."""
-    capacities = capacities.to(diag["negatives"].device)
-    pushed = torch.minimum(diag["negatives"], capacities)
     host = {k: v.detach().cpu() for k, v in diag.items()}  # a log step: the one host read
-    pushed, fill_frac = pushed.cpu(), (fill.to(capacities.device) / capacities).cpu()
+    capacities = capacities.cpu()
+    pushed = torch.minimum(host["negatives"], capacities)
+    fill_frac = fill.cpu() / capacities
     return {
         "classes_present": float(host["present"].gt(0).sum()),
         "classes_with_anchors": float(host["anchors"].gt(0).sum()),
@@ -54,7 +55,7 @@ def summarize(diag: dict, capacities: torch.Tensor, fill: torch.Tensor, world_si
         "queue_pushed": pushed.tolist(),
         "queue_fill": [round(v, 4) for v in fill_frac.tolist()],
         "queue_fill_mean": float(fill_frac.mean()),
-        "queues_overwritten": float((pushed >= capacities.cpu()).sum()),
+        "queues_overwritten": float((pushed >= capacities).sum()),
         "agreement": float(host["agree"]) / max(1.0, float(host["agree_total"])),
     }
 

@@ -29,10 +29,8 @@ def _paired(teacher_tensors, student_tensors, what: str) -> tuple[list[torch.Ten
 @torch.no_grad()
 def copy_(teacher: nn.Module, student: nn.Module) -> None:
     """teacher <- student for parameters and buffers (first semi-supervised step)."""
-    teacher_params, student_params = _paired(teacher.parameters(), student.parameters(), "parameters")
     teacher_buffers, student_buffers = _paired(teacher.buffers(), student.buffers(), "buffers")
-    if teacher_params:
-        torch._foreach_copy_(teacher_params, student_params)
+    follow_(teacher, student)
     if teacher_buffers:
         torch._foreach_copy_(teacher_buffers, student_buffers)
 
