@@ -2,6 +2,7 @@
 """MSRC-21 shard sets for the semi-supervised comparison (benchmarks/semi_gain.py, configs/msrc21.yaml).
 
     python benchmarks/msrc_shards.py --root ../shared/data/msrc21 --out shards/msrc21 --fraction 0.125 --seed 0
+    python benchmarks/msrc_shards.py ... --downscale 2   # every image and mask at half size (a CPU budget)
 
 Writes, with the folder builder of shards/build.py (u2pl_scale.data.datasets.folder_source / write_split):
     OUT/labeled        `fraction` of train.txt (35 of 276 images at 1/8), chosen with `seed`, stratified by the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,10 +51,38 @@ def choose_labeled(names: list[str], fraction: float, seed: int) -> list[str]:
     return [name for name in names if name in chosen]
 
 
-def build(root: Path, out: Path, fraction: float, seed: int, workers: int = 1) -> dict[str, dict]:
+def downscaled_copy(root: Path, out: Path, factor: int) -> Path:
+    """images/ and masks/ of `root` at 1/factor of their size in the folder `out` (images: antialiased, PNG so
+    nothing is re-compressed; masks: nearest, so every label stays a class id or void), with the list files beside
+    them. Returns `out`."""
+    from PIL import Image
+
+    new_root = out
+    for sub in ("images", "masks"):
+        (new_root / sub).mkdir(parents=True, exist_ok=True)
+    for name in ("classes.txt", "train.txt", "val.txt", "test.txt"):
+        (new_root / name).write_bytes((root / name).read_bytes())
+    for image_path in sorted((root / "images").glob("*.jpg")):
+        mask_path = root / "masks" / f"{image_path.stem}.png"
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            if image.size != mask.size:
+                raise SystemExit(f"{image_path}: image {image.size} and mask {mask.size} differ")
+            size = (max(1, round(image.width / factor)), max(1, round(image.height / factor)))
+            image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(new_root / "images" / f"{image_path.stem}.png")
+            mask.resize(size, Image.Resampling.NEAREST).save(new_root / "masks" / mask_path.name)
+    return new_root
+
+
+def build(root: Path, out: Path, fraction: float, seed: int, workers: int = 1, downscale: int = 1
+          ) -> dict[str, dict]:
     """Every set above; returns the manifests by set name."""
     if not 0 < fraction < 1:
         raise SystemExit(f"--fraction must be in (0, 1), got {fraction}")
+    if downscale < 1:
+        raise SystemExit(f"--downscale must be >= 1, got {downscale}")
+    if downscale > 1:
+        with tempfile.TemporaryDirectory() as folder:
+            return build(downscaled_copy(root, Path(folder), downscale), out, fraction, seed, workers)
     class_names = (root / "classes.txt").read_text().split()
     if len(class_names) != NUM_CLASSES:
         raise SystemExit(f"{root / 'classes.txt'}: {len(class_names)} names, expected {NUM_CLASSES}")
@@ -87,10 +117,12 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=0.125, help="labeled share of train.txt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labeled draw")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (same output for any number)")
+    parser.add_argument("--downscale", type=int, default=1,
+                        help="shrink every image and mask by this factor first (2: 160 x 107 photos)")
     args = parser.parse_args()
     started = time.perf_counter()
     try:
-        manifests = build(Path(args.root), Path(args.out), args.fraction, args.seed, args.workers)
+        manifests = build(Path(args.root), Path(args.out), args.fraction, args.seed, args.workers, args.downscale)
     except datasets.DatasetError as error:
         raise SystemExit(f"error: {error}") from None
     for name, manifest in manifests.items():
