@@ -4,10 +4,13 @@
     python launchers/slurm.py --nodes 4 --gpus-per-node 8 --config configs/voc_1464.yaml
     python launchers/slurm.py --nodes 1 --cpu --config configs/demo.yaml train.max_steps=20 --wait
     python launchers/slurm.py --follow 1234 --folder runs/slurm        # wait for a submitted job, print summary
+    python launchers/slurm.py --nodes 2 --evaluate -- --checkpoint runs/voc --data shards/voc/val --flip
 
 Every task runs `run_training(config, overrides + train.resume=auto)`; u2pl_scale.dist derives rank/world/master
 from the Slurm task variables. Preemption or time-out: submitit calls TrainJob.checkpoint(), which requeues the same
 job; after any requeue (also `scontrol requeue`) the tasks resume from the latest checkpoint in train.run_dir.
+With --evaluate the tasks run launchers/evaluate.py's evaluation instead (its arguments after --), as ranks of one
+group: each evaluates its share of the set and task 0 writes the report; a requeued evaluation starts over.
 """
 from __future__ import annotations
 
@@ -68,10 +71,35 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.repo), *args, **kwargs)
 
 
+class EvalJob:
+    """The callable of an --evaluate job: launchers/evaluate.py's run on every task; task 0 returns the result."""
+
+    def __init__(self, argv: list[str], repo: str = str(REPO)):
+        self.argv = list(argv)
+        self.repo = repo
+
+    def __call__(self) -> dict | None:
+        if self.repo not in sys.path:
+            sys.path.insert(0, self.repo)
+        from u2pl_scale.inference.evaluate_cli import run_evaluation
+
+        code, result = run_evaluation(self.argv)
+        if code:
+            raise RuntimeError(f"evaluation failed with exit code {code} (see the task's .err log)")
+        return result
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(EvalJob(self.argv, self.repo), *args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides passed through, e.g. train.epochs=3")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides passed through, e.g. train.epochs=3; "
+                   "with --evaluate: launchers/evaluate.py's arguments, after --")
+    p.add_argument("--evaluate", action="store_true", help="evaluate a checkpoint instead of training")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (sbatch --nodes)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; one task (rank) per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU-only run: gloo, --ntasks-per-node tasks per node")
@@ -144,7 +172,7 @@ def follow(job, run_dir: Path | None) -> int:
     summary = results[0] if results else None
     if summary is None and run_dir is not None and (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"[slurm] job {job.job_id} finished; summary:")
+    print(f"[slurm] job {job.job_id} finished; result:")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -155,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides: list[str] = []
     run_dir = None
-    if not args.follow:
+    if args.evaluate and not args.follow:
+        from u2pl_scale.inference.evaluate_cli import absolute_argv
+        overrides = absolute_argv(args.overrides, cpu=args.cpu)  # bad arguments stop here, not in the job
+    elif not args.follow:
         try:
             overrides, run_dir = job_overrides(args)
         except ConfigError as e:
@@ -175,14 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     config = str(Path(args.config).resolve()) if args.config else None
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     executor.update_parameters(**executor_parameters(args))
-    job = executor.submit(TrainJob(config, overrides))
+    job = executor.submit(EvalJob(overrides) if args.evaluate else TrainJob(config, overrides))
     log_dir = Path(str(folder).replace("%j", str(job.job_id)))
     ntasks = executor_parameters(args)["tasks_per_node"] * args.nodes
     print(f"[slurm] submitted job {job.job_id}: {args.nodes} node(s) x "
           f"{executor_parameters(args)['tasks_per_node']} task(s) = {ntasks} rank(s)", flush=True)
     print(f"[slurm] logs: {log_dir}/{job.job_id}_<task>_log.out and .err (task 0: "
           f"{log_dir}/{job.job_id}_0_log.out)", flush=True)
-    print(f"[slurm] run dir (checkpoints, summary.json): {run_dir}", flush=True)
+    if run_dir is not None:
+        print(f"[slurm] run dir (checkpoints, summary.json): {run_dir}", flush=True)
     if not args.wait:
         print(f"[slurm] follow it with: squeue -j {job.job_id}; tail -f {log_dir}/{job.job_id}_0_log.out", flush=True)
         return 0

@@ -134,6 +134,16 @@ def _worker(local_index: int, mode: str, port: int, out_dir: str) -> None:
     gathered = dist.all_gather_cat(mine)
     summed = dist.all_reduce_sum(torch.tensor([rank + 1.0, 5.0 * rank]))
     obj = dist.broadcast_object({"from": rank, "cfg": [1, 2]} if rank == 0 else None)
+    # BatchNorm statistics: rank r's running mean 1 + r, running var 4 + 2r; a SyncBatchNorm layer is left alone
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.SyncBatchNorm(2))
+    model[0].running_mean.fill_(1.0 + rank)
+    model[0].running_var.fill_(4.0 + 2 * rank)
+    model[1].running_mean.fill_(7.0 + rank)
+    model[0].num_batches_tracked.fill_(5 + rank)
+    dist.average_running_stats_(model)
+    averaged = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.broadcast_buffers_(model)
+    broadcast = {k: v.clone() for k, v in model.state_dict().items()}
     is_dist = dist.is_dist()
     if rank == 0:  # rank 0 still writing its outputs while rank 1 is done
         time.sleep(1.0)
@@ -142,7 +152,7 @@ def _worker(local_index: int, mode: str, port: int, out_dir: str) -> None:
     t_left = time.time()
     torch.save({"rank": rank, "world": info.world_size, "local": info.local_rank, "source": info.source,
                 "backend": info.backend, "is_dist": is_dist, "gathered": gathered, "summed": summed,
-                "obj": obj, "t_enter": t_enter, "t_left": t_left,
+                "obj": obj, "averaged": averaged, "broadcast": broadcast, "t_enter": t_enter, "t_left": t_left,
                 "initialised_after": torch.distributed.is_initialized()}, os.path.join(out_dir, f"{local_index}.pt"))
 
 
@@ -158,6 +168,12 @@ def test_two_gloo_ranks(tmp_path, mode, source):
         assert torch.equal(r["gathered"], expected_gather)
         assert r["summed"].tolist() == [1.0 + 2.0, 0.0 + 5.0]
         assert r["obj"] == {"from": 0, "cfg": [1, 2]}
+        a, b = r["averaged"], r["broadcast"]
+        assert a["0.running_mean"].tolist() == [1.5] * 3 and a["0.running_var"].tolist() == [5.0] * 3
+        assert a["1.running_mean"].tolist() == [7.0 + i] * 2  # SyncBatchNorm's statistics are global already
+        assert a["0.num_batches_tracked"].item() == 5 + i  # only means and variances are averaged
+        assert b["1.running_mean"].tolist() == [7.0] * 2 and b["0.num_batches_tracked"].item() == 5  # rank 0's
+        assert b["0.running_mean"].tolist() == [1.5] * 3
         assert not r["initialised_after"]  # the group init_distributed made is torn down by finish()
     assert results[1]["t_left"] >= results[0]["t_enter"]  # rank 1 waited for the slow rank 0 before tearing down
 

@@ -214,6 +214,37 @@ def all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group=None) -> torc
     return out
 
 
+def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running means and variances of the plain BatchNorm layers (SyncBatchNorm's are global already)."""
+    return [t for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+            and m.track_running_stats and m.running_mean is not None
+            for t in (m.running_mean, m.running_var)]
+
+
+def has_local_batchnorm(module: torch.nn.Module) -> bool:
+    return bool(_running_stats(module))
+
+
+def average_running_stats_(module: torch.nn.Module) -> None:
+    """BatchNorm running statistics <- their mean over ranks, in place (one all-reduce; no-op on one process).
+    Where SyncBatchNorm is not available (CPU) it keeps a model the same on every rank, as SyncBatchNorm would:
+    the mean is the global batch mean's running average exactly, the variance the mean of the ranks' variances."""
+    stats = _running_stats(module) if is_dist() else []
+    if stats:
+        flat = torch.cat([t.detach().float().reshape(-1) for t in stats])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        torch._foreach_copy_(stats, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in stats]), stats)])
+
+
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Every buffer of `module` <- rank src's (no-op on one process): one model for a multi-rank evaluation."""
+    if is_dist():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_dist():
         return obj
