@@ -4,10 +4,13 @@
     python launchers/ray_train.py --num-workers 2 --config configs/demo.yaml train.max_steps=20      # local Ray, CPU
     python launchers/ray_train.py --address auto --num-workers 16 --gpu --config configs/voc_1464.yaml \
         --storage-path /shared/ray_results --name voc1464
+    python launchers/ray_train.py --num-workers 4 --evaluate -- --checkpoint runs/demo --data shards/demo/val
 
 Every worker reports at every checkpoint the trainer writes (rank 0 attaches the checkpoint, the others None, so
 all workers report equally often) and after every log interval; after a worker failure Ray restarts the group
-(--max-failures) and the workers resume from ray.train.get_checkpoint().
+(--max-failures) and the workers resume from ray.train.get_checkpoint(). With --evaluate the workers run
+launchers/evaluate.py's evaluation instead (its arguments after --), each on its share of the set; worker 0 writes
+the report and reports the result as the run's final metrics.
 """
 from __future__ import annotations
 
@@ -16,23 +19,17 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-# Test-only fault injection (tests/test_ray.py): rank U2PL_TEST_CRASH_RANK exits hard at log step
-# U2PL_TEST_CRASH_AT_STEP, once: the marker file U2PL_TEST_CRASH_MARKER is created first and stops repeats.
-_CRASH_VARS = ("U2PL_TEST_CRASH_AT_STEP", "U2PL_TEST_CRASH_RANK", "U2PL_TEST_CRASH_MARKER")
-
 
 def _scalars(metrics: dict) -> dict:
     """What Ray keeps as metrics: numbers, strings, booleans (lists/pictures stay in run_dir)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def _make_hooks(crash: dict):
+def _make_hooks():
     from u2pl_scale.engine.hooks import TrainHooks
 
     class RayReportHooks(TrainHooks):
@@ -46,16 +43,6 @@ def _make_hooks(crash: dict):
 
         def on_log(self, step: int, metrics: dict) -> None:
             self.train.report(_scalars(dict(metrics, step=step)))
-            if crash and self.rank == int(crash.get("U2PL_TEST_CRASH_RANK", 1)) \
-                    and step >= int(crash["U2PL_TEST_CRASH_AT_STEP"]):
-                marker = Path(crash["U2PL_TEST_CRASH_MARKER"])
-                if not marker.exists():
-                    marker.write_text(f"rank {self.rank} exited at step {step}\n")
-                    # Ray's controller collects reports when it polls the workers (every
-                    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): wait so the reports made so far are registered
-                    time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
-                    print(f"[ray] test fault injection: rank {self.rank} exits at step {step}", flush=True)
-                    os._exit(1)
 
         def on_checkpoint(self, step: int, ckpt_dir: str, metrics: dict) -> None:
             from ray.train import Checkpoint
@@ -75,7 +62,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from u2pl_scale.entry import run_training
 
     overrides = list(loop_config["overrides"])
-    hooks = _make_hooks(loop_config.get("crash") or {})
+    hooks = _make_hooks()
     rank = ray.train.get_context().get_world_rank()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -89,10 +76,40 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ray.train.report(_scalars(dict(summary, final=True)))
 
 
+def eval_loop_per_worker(loop_config: dict) -> None:
+    """An --evaluate run in every Ray Train worker: the evaluation joins TorchTrainer's process group."""
+    if loop_config["repo"] not in sys.path:
+        sys.path.insert(0, loop_config["repo"])
+    import ray.train
+
+    from u2pl_scale.inference.evaluate_cli import run_evaluation
+
+    code, result = run_evaluation(loop_config["argv"])
+    if code:
+        raise RuntimeError(f"evaluation failed with exit code {code}")
+    if result is None:  # every worker reports once; only worker 0's report carries the result
+        ray.train.report({"final": True})
+        return
+    import shutil
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    # the report files travel as the run's checkpoint, so they reach --storage-path (and the driver) from any node
+    with tempfile.TemporaryDirectory() as folder:
+        report_dir = Path(result["report"]).parent
+        for name in ("report.json", "confusion.png"):
+            if (report_dir / name).is_file():
+                shutil.copy2(report_dir / name, Path(folder) / name)
+        ray.train.report(_scalars(dict(result, final=True)), checkpoint=Checkpoint.from_directory(folder))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides passed through, e.g. train.epochs=3")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides passed through, e.g. train.epochs=3; "
+                   "with --evaluate: launchers/evaluate.py's arguments, after --")
+    p.add_argument("--evaluate", action="store_true", help="evaluate a checkpoint instead of training")
     p.add_argument("--num-workers", type=int, default=2, help="training workers (ranks), default 2")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores reserved per worker (default 1)")
@@ -101,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: what workers need)")
     p.add_argument("--storage-path", default="runs/ray", help="Ray results and checkpoints; shared storage "
                    "(NFS or s3://...) on multi-node clusters (default: %(default)s)")
-    p.add_argument("--name", default="u2pl", help="run name under --storage-path (default: %(default)s)")
+    p.add_argument("--name", default=None, help="run name under --storage-path (default: u2pl, or u2pl_eval "
+                   "with --evaluate)")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts after failures (default 1)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="reported checkpoints Ray keeps (default 2)")
     return p
@@ -141,11 +159,17 @@ def absolute_data_paths(data) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.name = args.name or ("u2pl_eval" if args.evaluate else "u2pl")
     from u2pl_scale.config import ConfigError, load_config
 
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    if args.evaluate:
+        from u2pl_scale.inference.evaluate_cli import absolute_argv
+        loop, loop_config = eval_loop_per_worker, {"argv": absolute_argv(args.overrides, cpu=not args.gpu),
+                                                    "repo": str(REPO)}
+        return fit(args, storage, loop, loop_config)
     overrides = list(args.overrides)
     given = {o.split("=", 1)[0].strip() for o in overrides}
-    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     if "train.device" not in given:
         overrides.append(f"train.device={'cuda' if args.gpu else 'cpu'}")
     if not args.gpu and "train.num_threads" not in given:
@@ -162,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     overrides += absolute_data_paths(cfg.data)
+    return fit(args, storage, train_loop_per_worker, {"config": config, "overrides": overrides, "repo": str(REPO)})
 
+
+def fit(args: argparse.Namespace, storage: str, loop, loop_config: dict) -> int:
+    """Start or join Ray, run `loop` on the workers, print where the results went."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -176,11 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(address="local", num_cpus=args.num_cpus or args.num_workers * args.cpus_per_worker,
                  include_dashboard=False)
-    crash = {k: os.environ[k] for k in _CRASH_VARS if k in os.environ}
     resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "overrides": overrides, "repo": str(REPO), "crash": crash},
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(storage_path=storage, name=args.name,
@@ -192,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     if result.error:
-        print(f"[ray] training failed: {result.error}", file=sys.stderr)
+        print(f"[ray] {'evaluation' if args.evaluate else 'training'} failed: {result.error}", file=sys.stderr)
         return 1
-    print(f"[ray] finished: results in {result.path}; latest checkpoint: "
+    print(f"[ray] finished: results in {result.path}; {'report files' if args.evaluate else 'latest checkpoint'}: "
           f"{result.checkpoint.path if result.checkpoint else None}")
     print("[ray] final metrics: " + json.dumps(result.metrics, default=str))
     return 0

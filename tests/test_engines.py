@@ -1,10 +1,13 @@
 """DDP and DeepSpeed engines on 2 gloo ranks: same seed, same data -> the same losses; queues identical on ranks."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from digests import logged, state_digests
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 supervised warm-up steps then 3 U2PL steps, fp32 so that engines can be compared tightly.
@@ -56,11 +59,17 @@ def test_deepspeed_matches_ddp(ddp_run, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_deepspeed_checkpoint_resume(demo_shards, tmp_path):
-    """The DeepSpeed engine's own checkpoint files are part of the project's resume."""
-    first = launch(tmp_path / "ds", "engine.backend=deepspeed", "engine.zero_stage=1", "train.max_steps=3")
-    assert first["steps"] == 3
-    ckpt = tmp_path / "ds" / "checkpoints" / "step_00000003"
+def test_deepspeed_zero1_resume_is_bit_exact(demo_shards, tmp_path):
+    """The DeepSpeed engine's own checkpoint files are part of the project's resume, and a ZeRO-1 run continued
+    from its step-3 checkpoint (the supervised warm-up's end) ends bit for bit where the uninterrupted run ends."""
+    ds = ["engine.backend=deepspeed", "engine.zero_stage=1", "train.keep_checkpoints=5"]
+    full = launch(tmp_path / "full", *ds)
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000003"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "state.pt").is_file()
-    resumed = launch(tmp_path / "ds", "engine.backend=deepspeed", "engine.zero_stage=1", "train.resume=auto")
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / ckpt.name)  # as a run killed after step 3 left it
+    resumed = launch(tmp_path / "resumed", *ds, "train.resume=auto")
     assert resumed["steps"] == 6 and resumed["resumed_from"].endswith("step_00000003")
+    assert state_digests(tmp_path / "resumed" / "checkpoints" / "step_00000006" / "state.pt") == \
+        state_digests(tmp_path / "full" / "checkpoints" / "step_00000006" / "state.pt")
+    assert logged(tmp_path / "resumed") == logged(tmp_path / "full", after_step=3)
+    assert resumed["queue_digests"] == full["queue_digests"] and resumed["miou"] == full["miou"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from digests import state_digests
+
 REPO = Path(__file__).resolve().parents[1]
 # run with pytest-xdist (-n 2 --dist loadgroup, the README command): these tests stay on one worker, in order:
 # one worker holds the Slurm that the session fixture starts and stops
@@ -51,6 +53,26 @@ def test_bad_override_fails_before_submitting(tmp_path):
     proc = subprocess.run([sys.executable, str(LAUNCHER), "--cpu", "train.epochz=3"], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "train.epochz" in proc.stderr and "submitted" not in proc.stdout
+
+
+def test_the_script_kills_only_its_own_job_steps(tmp_path):
+    """stop kills the slurmstepd processes of its own cluster (they run in its directory), not another's."""
+    import os
+    import shutil
+    script = REPO / "tests" / "cluster" / "slurm_local.sh"
+    own_dir = Path(os.environ.get("U2PL_SLURM_DIR", "/var/tmp/u2pl-slurm"))
+    own_dir.mkdir(parents=True, exist_ok=True)
+    fake = tmp_path / "slurmstepd"  # a process named slurmstepd
+    shutil.copy("/bin/sleep", fake)
+    foreign = subprocess.Popen([str(fake), "60"], cwd=tmp_path)
+    ours = subprocess.Popen([str(fake), "60"], cwd=own_dir)
+    try:
+        time.sleep(0.3)
+        listed = subprocess.run([str(script), "steps"], capture_output=True, text=True, timeout=30).stdout.split()
+        assert str(ours.pid) in listed and str(foreign.pid) not in listed
+    finally:
+        foreign.kill()
+        ours.kill()
 
 
 def launch(tmp: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -93,6 +115,33 @@ def test_two_task_cpu_job_trains(uninterrupted):
     assert "rank source: slurm, backend: gloo" in logs  # two srun tasks joined one gloo group via Slurm vars
     assert sorted(p.name for p in (tmp / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] \
         == f"step_{STEPS:08d}"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_evaluate_job_on_two_tasks_reproduces_the_trainers_figure(uninterrupted):
+    """--evaluate runs launchers/evaluate.py's evaluation as two Slurm tasks of one gloo group: the same confusion
+    matrix, so exactly the mIoU the 2-rank training's final evaluation gave (best.pt is that evaluation)."""
+    tmp, _, _ = uninterrupted
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert summary["miou"] == summary["best_miou"]
+    cmd = [sys.executable, str(LAUNCHER), "--nodes", "1", "--cpu", "--ntasks-per-node", "2",
+           "--folder", str(tmp / "slurm_eval" / "%j"), "--wait", "--evaluate", "--",
+           "--checkpoint", "run", "--data", str(REPO / "shards" / "demo" / "val"), "--out", "eval"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp)  # relative paths: from tmp
+    logs = "".join(p.read_text() for p in sorted((tmp / "slurm_eval").rglob("*_log.*")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    rep = json.loads((tmp / "eval" / "report.json").read_text())
+    assert rep["world_size"] == 2 and rep["images"] == 128 and rep["eval_mode"] == "whole"
+    assert rep["miou"] == summary["miou"] and list(rep["per_class_iou"].values()) == summary["per_class_iou"]
+    assert f'"miou": {summary["miou"]}' in proc.stdout  # --wait printed task 0's result
+
+
+def test_evaluate_arguments_are_checked_before_submitting(tmp_path):
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--cpu", "--evaluate", "--", "--checkpoint",
+                           str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0 and "nothing does not exist" in proc.stderr and "submitted" not in proc.stdout
 
 
 def _squeue_state(jid: str) -> str:
@@ -138,6 +187,11 @@ def test_requeued_job_resumes_from_checkpoint(uninterrupted, tmp_path, interrupt
     plain = json.loads((uninterrupted[0] / "run" / "summary.json").read_text())
     assert summary["steps"] == plain["steps"] == STEPS
     assert summary["resumed_from"] and "step_" in summary["resumed_from"]
+    # exact resume: the requeued job ends with the uninterrupted job's weights, teacher, queues and optimiser
+    last = f"step_{STEPS:08d}"
+    assert state_digests(tmp_path / "run" / "checkpoints" / last / "state.pt") == \
+        state_digests(uninterrupted[0] / "run" / "checkpoints" / last / "state.pt")
+    assert (summary["miou"], summary["per_class_iou"]) == (plain["miou"], plain["per_class_iou"])
     assert "DUE TO JOB REQUEUE" in logs
     if interrupt == "preempt_usr2":
         assert "Calling checkpoint method" in logs and "[slurm] preempted or timed out: requeuing" in logs

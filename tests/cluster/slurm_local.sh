@@ -4,11 +4,14 @@
 #   tests/cluster/slurm_local.sh start    install slurm-wlm/munge if missing, configure, start, wait for `idle`
 #   tests/cluster/slurm_local.sh status   print sinfo; exit 0 when the node answers
 #   tests/cluster/slurm_local.sh stop     cancel our jobs, stop the daemons this script started (pid files)
+#   tests/cluster/slurm_local.sh owned    exit 0 when the running cluster is the one this script started
+#   tests/cluster/slurm_local.sh steps    the pids of this cluster's slurmstepd processes (what stop kills)
 #
 # Needs root (Debian/Ubuntu; apt-get is used only when the daemons are missing). State, spool, pid and log
 # files live in $U2PL_SLURM_DIR (default /var/tmp/u2pl-slurm). It writes /etc/slurm/slurm.conf and
 # cgroup.conf (an existing foreign slurm.conf is kept as slurm.conf.u2pl-backup and restored on stop).
-# Exit codes: 0 ok, 2 not root, 3 packages cannot be installed, 4 daemons did not come up (logs printed).
+# Exit codes: 0 ok, 2 not root, 3 packages cannot be installed, 4 daemons did not come up (logs printed),
+# 5 a Slurm this script did not start is running (it is left alone).
 set -u
 ACTION=${1:-status}
 DIR=${U2PL_SLURM_DIR:-/var/tmp/u2pl-slurm}
@@ -115,8 +118,11 @@ start() {
   need_root
   install_if_missing
   mkdir -p "$DIR"
-  if pid_alive "$DIR/slurmctld.pid" && pid_alive "$DIR/slurmd.pid" && [ -n "$(node_state)" ]; then
+  if owned && [ -n "$(node_state)" ]; then
     log "already running: $(node_state)"; return 0
+  fi
+  if ! pid_alive "$DIR/slurmctld.pid" && pgrep -x slurmctld >/dev/null; then
+    log "a slurmctld this script did not start is running: not adopting or replacing it"; exit 5
   fi
   start_munge
   write_conf
@@ -142,21 +148,41 @@ start() {
   exit 4
 }
 
+our_job_steps() {
+  # the slurmstepd processes of this cluster: they run in its directory (a foreign cluster's are left alone)
+  local pid
+  for pid in $(pgrep -x slurmstepd 2>/dev/null); do
+    case "$(readlink "/proc/$pid/cwd" 2>/dev/null)" in "$DIR"|"$DIR"/*) echo "$pid" ;; esac
+  done
+}
+
 kill_job_steps() {
   # job steps (slurmstepd and the tasks under it) outlive the daemons when those are stopped abruptly
-  pkill -TERM -x slurmstepd 2>/dev/null || true
+  local pid steps
+  steps=$(our_job_steps)
+  [ -n "$steps" ] && kill -TERM $steps 2>/dev/null
   sleep 0.5
-  pkill -KILL -x slurmstepd 2>/dev/null || true
-  local pid
+  steps=$(our_job_steps)
+  [ -n "$steps" ] && kill -KILL $steps 2>/dev/null
   for pid in $(pgrep -f "$DIR/spool/job" 2>/dev/null); do  # batch scripts of this cluster and their sruns
     pkill -KILL -P "$pid" 2>/dev/null || true
     kill -KILL "$pid" 2>/dev/null || true
   done
+  return 0
+}
+
+owned() {
+  # exit 0 when the running controller is the one this script started (its pid file), else 1
+  pid_alive "$DIR/slurmctld.pid" && pid_alive "$DIR/slurmd.pid"
 }
 
 stop() {
-  # cancel jobs so a later start does not resume stale work, then stop the daemons we started
-  timeout 10 scancel --full --quiet --cluster=local -u root >/dev/null 2>&1 || true
+  # cancel the jobs of our controller so a later start does not resume stale work, then stop the daemons we
+  # started; a controller this script did not start is not touched
+  if ! owned; then
+    log "no cluster started by this script is running (nothing stopped)"; return 0
+  fi
+  timeout 10 scancel --full --quiet -u root >/dev/null 2>&1 || true
   kill_job_steps
   for name in slurmd slurmctld munged; do
     if pid_alive "$DIR/$name.pid"; then
@@ -180,5 +206,7 @@ case "$ACTION" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 64 ;;
+  owned) owned; exit $? ;;
+  steps) our_job_steps ;;
+  *) echo "usage: $0 start|stop|status|owned|steps" >&2; exit 64 ;;
 esac

@@ -388,8 +388,10 @@ class _BatchStream:
 
     def _records(self) -> Iterator[dict]:
         self.bad_counts = collections.Counter()
+        # the workers' randomness comes from (seed, epoch, rank, position); a private generator keeps the DataLoader
+        # from drawing its base seed from the global RNG, which a mid-epoch resume restores after that draw
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         for record in loader:
             self.bad_counts.update({reason: n for reason, n in record["bad"].items() if n})
             if "image" in record:  # a counts-only record carries no batch

@@ -147,6 +147,9 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     teacher = copy.deepcopy(model)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    # without SyncBatchNorm each rank's teacher would keep its own BN statistics (its pseudo-labels, the saved and
+    # the evaluated teacher would differ by rank): they are averaged after every update instead
+    average_teacher_stats = world > 1 and dist.has_local_batchnorm(teacher)
     optimizer = build_optimizer(model, cfg.optim, derived.lr, device)
     scheduler = build_scheduler(optimizer, total, cfg.optim.poly_power)
     backend = build_backend(cfg, model, optimizer, scheduler, device)
@@ -180,6 +183,12 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         resumed_from = str(resume_path)
         if main:
             print(f"[u2pl] resumed from {resume_path} at step {step}", flush=True)
+            saved_world = int(state.get("world_size", world))
+            if saved_world != world:
+                print(f"[u2pl] the checkpoint was written by {saved_world} rank(s), this run has {world}: weights, "
+                      f"teacher, queues and optimiser carry over; the data order, the per-rank randomness and the "
+                      f"schedule (steps per epoch, total steps) are this world size's, so the run is not the one "
+                      f"{saved_world} rank(s) would have continued", flush=True)
 
     out = RunOutputs(run_dir, main, total, step, cfg.train.progress_bar)
     out.write_config(to_yaml(cfg))
@@ -194,17 +203,20 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         return {"model": module.state_dict(), "teacher": teacher.state_dict(), "backend": backend.state_dict(),
                 "queues": queues.state_dict(), "step": step, "semi_started": semi_started,
                 "steps_since_copy": steps_since_copy, "best_miou": best_miou, "config": to_yaml(cfg),
+                "world_size": world,
                 "meta": ckpt.checkpoint_meta(cfg, "teacher" if semi_started else "student", step)}
 
     def save(metrics: dict) -> Path:
         path = ckpt.save_checkpoint(run_dir, step, state_dict(), keep=cfg.train.keep_checkpoints,
-                                    extra_writer=backend.save_extra)
-        hooks.on_checkpoint(step, str(path), metrics)
+                                    extra_writer=backend.save_extra, device=device)
+        with ckpt.rng_preserved():
+            hooks.on_checkpoint(step, str(path), metrics)
         return path
 
     def run_eval(keep_pictures: int = 0) -> dict:
         nonlocal best_miou
         eval_model = teacher if semi_started else module
+        dist.broadcast_buffers_(eval_model)  # the figure is that of the model rank 0 saves
         val_loader = stream.make_val_loader(cfg.data, rank, world)
         result = evaluate(eval_model, val_loader, prepare, cfg.data.num_classes, cfg.data.ignore_index,
                           cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride_rate, autocast_ctx, keep_pictures,
@@ -249,7 +261,10 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
             x_l, y_l = prepare(batch_l)
             semi = not supervised_only and step >= derived.sup_only_steps
             if semi and not semi_started:
-                ema.copy_(teacher, module)  # spec §2: the teacher starts as the student
+                # spec §2: the teacher starts as the student; as rank 0's student (DDP's buffers are rank 0's, and
+                # rank 0's are what a checkpoint holds), so a run resumed at this point starts the same teacher
+                dist.broadcast_buffers_(module)
+                ema.copy_(teacher, module)
                 semi_started, steps_since_copy = True, 0
             if semi:
                 x_u, _ = prepare(batch_u, with_label=False)
@@ -268,6 +283,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 else:
                     ema.update_(teacher, module, steps_since_copy, cfg.method.ema_decay)
                 steps_since_copy += 1
+                if average_teacher_stats:
+                    dist.average_running_stats_(teacher)
             meter.add(terms)
             step += 1
             out.advance()
@@ -284,7 +301,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                     metrics["bad_samples"] = skipped
                 t_log = now
                 out.log(step, metrics)
-                hooks.on_log(step, metrics)
+                with ckpt.rng_preserved():
+                    hooks.on_log(step, metrics)
             # an epoch end is saved below, after the evaluation
             if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and not at_epoch_end():
                 save({"step": step})
