@@ -76,6 +76,15 @@ class ModelConfig:
     # pretrained_path must fill every backbone tensor and use every file tensor (an ImageNet classifier excepted);
     # true turns that error into a warning.
     allow_partial_load: bool = False
+    # ViT encoders (backbone vit_* / eva*: DINOv2, DINOv3; model/vit.py, DPT-style decoder of head_channels):
+    # the four blocks read ([] = 2/5/8/11 of 12, 4/11/17/23 of 24), stochastic depth, a frozen encoder,
+    # activation checkpointing (large encoders), and extra timm.create_model arguments (e.g. a tiny test size:
+    # {embed_dim: 48, depth: 4, num_heads: 3}).
+    vit_blocks: list = field(default_factory=list)
+    drop_path: float = 0.0
+    freeze_backbone: bool = False
+    grad_checkpointing: bool = False
+    backbone_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +149,10 @@ class OptimConfig:
     reference_batch: int = 16
     fused: bool = True
     use_apex: bool = False
+    # ViT recipes (UniMatch V2: AdamW, encoder lr 5e-6, head x40, weight decay 0.01): layer-wise LR decay of the
+    # encoder blocks (1.0 = off) and no weight decay on biases, norms and position/class/register tokens.
+    layer_decay: float = 1.0
+    no_decay_norm_bias: bool = False
 
 
 @dataclass
@@ -386,6 +399,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"method.drop_percent_start: must be in [0, 100), got {cfg.method.drop_percent_start}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: must be in (0, 1], got {cfg.optim.layer_decay}")
+    if not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path: must be in [0, 1), got {cfg.model.drop_path}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
     if cfg.train.max_steps < 0:

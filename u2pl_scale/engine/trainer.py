@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .backends import build_backend
 from .evaluate import evaluate
 from .hooks import TrainHooks
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, describe_groups
 from .outputs import RunOutputs, save_prediction_grid
 from .precision import DTYPES, autocast, configure_cudnn, resolve_precision
 from .step import StepConfig, check_method_mode, supervised_step, u2pl_step
@@ -151,6 +151,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     # the evaluated teacher would differ by rank): they are averaged after every update instead
     average_teacher_stats = world > 1 and dist.has_local_batchnorm(teacher)
     optimizer = build_optimizer(model, cfg.optim, derived.lr, device)
+    if main:
+        print(f"[u2pl] parameter groups: {describe_groups(optimizer)}", flush=True)
     scheduler = build_scheduler(optimizer, total, cfg.optim.poly_power)
     backend = build_backend(cfg, model, optimizer, scheduler, device)
     student = backend.forward_model

@@ -33,11 +33,12 @@ LIST_LIMIT = 20
 
 def create_backbone(name: str, output_stride: int = 8, pretrained: bool = False, pretrained_path: str = "",
                     multi_grid: Sequence[int] = (), stem_ceil_mode: bool = False,
-                    allow_partial_load: bool = False) -> nn.Module:
+                    allow_partial_load: bool = False, backbone_kwargs: dict | None = None) -> nn.Module:
     """timm features_only backbone with the published-layout options applied and the weights loaded and checked."""
     use_hub = pretrained and not pretrained_path
     with _timm_load_report(use_hub) as report:
-        backbone = timm.create_model(name, features_only=True, output_stride=output_stride, pretrained=use_hub)
+        backbone = timm.create_model(name, features_only=True, output_stride=output_stride, pretrained=use_hub,
+                                     **(backbone_kwargs or {}))
     if use_hub:
         _check_hub_load(name, report, allow_partial_load)
     if multi_grid:

@@ -48,10 +48,11 @@ class DeepLabV3Plus(nn.Module):
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "",
                  output_stride: int = 8, aspp_dilations=(12, 24, 36), head_channels: int = 256,
                  low_level_channels: int = 256, rep_dim: int = 256, dropout: float = 0.1, aux_head: bool = False,
-                 multi_grid=(), stem_ceil_mode: bool = False, allow_partial_load: bool = False):
+                 multi_grid=(), stem_ceil_mode: bool = False, allow_partial_load: bool = False,
+                 backbone_kwargs: dict | None = None):
         super().__init__()
         self.backbone = create_backbone(backbone, output_stride, pretrained, pretrained_path, multi_grid,
-                                        stem_ceil_mode, allow_partial_load)
+                                        stem_ceil_mode, allow_partial_load, backbone_kwargs)
         reductions = self.backbone.feature_info.reduction()
         channels = self.backbone.feature_info.channels()
         if 4 not in reductions:
@@ -81,14 +82,29 @@ class DeepLabV3Plus(nn.Module):
         return out
 
 
-def build_model(model_cfg, num_classes: int) -> DeepLabV3Plus:
+def build_model(model_cfg, num_classes: int) -> nn.Module:
+    """DeepLabV3Plus on a CNN backbone, or the DPT-style ViTSegmenter on a ViT (vit_* / eva* timm names)."""
+    from .vit import ViTSegmenter, is_vit
+
+    if is_vit(model_cfg.backbone):
+        if model_cfg.aux_head:
+            raise ValueError("model.aux_head: not available with a ViT backbone")
+        return ViTSegmenter(
+            model_cfg.backbone, num_classes, pretrained=model_cfg.pretrained,
+            pretrained_path=model_cfg.pretrained_path, blocks=model_cfg.vit_blocks,
+            channels=model_cfg.head_channels, rep_dim=model_cfg.rep_dim, dropout=model_cfg.dropout,
+            drop_path=model_cfg.drop_path, freeze_backbone=model_cfg.freeze_backbone,
+            grad_checkpointing=model_cfg.grad_checkpointing, allow_partial_load=model_cfg.allow_partial_load,
+            backbone_kwargs=model_cfg.backbone_kwargs)
+    if model_cfg.freeze_backbone:
+        raise ValueError("model.freeze_backbone: only for ViT backbones")
     return DeepLabV3Plus(
         backbone=model_cfg.backbone, num_classes=num_classes, pretrained=model_cfg.pretrained,
         pretrained_path=model_cfg.pretrained_path, output_stride=model_cfg.output_stride,
         aspp_dilations=model_cfg.aspp_dilations, head_channels=model_cfg.head_channels,
         low_level_channels=model_cfg.low_level_channels, rep_dim=model_cfg.rep_dim, dropout=model_cfg.dropout,
         aux_head=model_cfg.aux_head, multi_grid=model_cfg.multi_grid, stem_ceil_mode=model_cfg.stem_ceil_mode,
-        allow_partial_load=model_cfg.allow_partial_load)
+        allow_partial_load=model_cfg.allow_partial_load, backbone_kwargs=model_cfg.backbone_kwargs)
 
 
 def convert_sync_bn(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
