@@ -128,14 +128,17 @@ def test_state_dict_round_trip_and_mismatch_error():
 
 
 # ---------------------------------------------------------------- two gloo ranks
-CAPACITIES = [6, 4, 5]
+# every rank's budget ceil(capacity / 2) is at least ROWS: each rank sends all its negatives, and the push is the
+# published one (tests/test_queue_exchange.py: ranks with more negatives than their budget)
+CAPACITIES = [16, 17, 18]
 ROWS = 8
 DIM = 3
-STEPS = 3
+STEPS = 5
 
 
 def rank_inputs(rank, step):
-    """Rank 0 sends nothing at step 0; rank 1 sends more than every capacity at step 1; random otherwise."""
+    """Rank 0 sends nothing at step 0; rank 1 sends all its rows to every class at step 1; random otherwise. Over
+    the steps the pushes wrap around every ring."""
     gen = torch.Generator().manual_seed(100 * step + rank)
     features = unique_features(ROWS, DIM, 1000 * step + 100 * rank)
     mask = torch.rand(ROWS, len(CAPACITIES), generator=gen) < 0.5

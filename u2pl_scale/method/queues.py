@@ -17,9 +17,14 @@ identical queues. In eager code on CUDA (Triton) the push after the cumsum is tw
 (kernels.launch_triton_push): each kept pair's row goes straight to its ring slot, and no pairs are compacted;
 compiled code and `max_pairs` take the compacted path.
 
-`push_distributed` does ONE fixed-size all_gather per step for all classes: every rank sends its P feature rows
-with the class mask packed as extra columns (P is the same on every rank: the per-rank batch shape); the
-gathered rows are pushed in rank order, so every rank ends with identical queues.
+`push_distributed` does ONE fixed-size all_gather per step for all classes, whose size does not grow with the
+world size W: each rank sends, for every class c, at most b_c = ceil(capacity_c / W) of its negatives of c, drawn
+uniformly without replacement where it has more (all of them, in pixel order, where it has no more), in the queue
+dtype, with a validity column. The gathered rows (W x sum_c b_c, about the queues' total capacity) are pushed in
+rank order, so every rank ends with identical queues, holding every rank's negatives in proportion. The published
+push gathers every pixel of every rank and keeps the newest capacity_c rows in rank order: with more negatives
+than the capacity in one step (VOC shapes on 4 GPUs: 133k pixels per rank against 30k rows) its queues hold the
+last ranks' last pixels only. Where no rank has more than b_c negatives of a class, both pushes are the same.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class ClassQueues:
         self.dropped_pairs = torch.zeros((), dtype=torch.long, device=device)  # only with a small max_pairs
         # "exact" (nonzero; fine where host and device are the same) or "static" (nonzero_static, no sync)
         self.compaction = "exact" if device.type == "cpu" else "static"
+        self._layout: dict = {}  # pack's budgets and block layout per (world size, block width, device)
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +166,7 @@ class ClassQueues:
     def push_distributed(
         self, features: torch.Tensor, class_mask: torch.Tensor, group=None, max_pairs: Optional[int] = None
     ) -> None:
-        """Gather every rank's (features, class_mask) with one all_gather, then push them in rank order.
+        """Every rank's budgeted negatives (see the module docstring) with one all_gather, pushed in rank order.
 
         Every rank must pass the same number of rows P (pad with all-false masks if needed). Without an
         initialised process group, or with world size 1, this is `push`.
@@ -169,19 +175,55 @@ class ClassQueues:
         if world_size == 1:
             self.push(features, class_mask, max_pairs=max_pairs)
             return
-        everything = all_gather_cat(self.pack(features, class_mask), group=group)  # rank order
+        everything = all_gather_cat(self.pack(features, class_mask, world_size), group=group)  # rank order
         self.push_packed(everything, max_pairs=max_pairs)
 
+    def budgets(self, world_size: int) -> list[int]:
+        """Rows per class each rank sends: ceil(capacity_c / W)."""
+        return [-(-c // world_size) for c in self.capacity_list]
+
     @torch.no_grad()
-    def pack(self, features: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
-        """[P, dim + C]: what each rank sends in `push_distributed`, the class mask as extra columns."""
-        wire_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
-        return torch.cat([features.to(wire_dtype), class_mask.to(wire_dtype)], dim=1).contiguous()
+    def pack(self, features: torch.Tensor, class_mask: torch.Tensor, world_size: Optional[int] = None
+             ) -> torch.Tensor:
+        """[sum_c min(b_c, P), dim + 1]: what each rank sends in `push_distributed`, in the queue dtype. Block c
+        holds up to b_c of this rank's negatives of class c (a uniform draw where there are more, the pixel order
+        kept), then padding; the last column is c + 1 on real rows, 0 on padding. Fixed shapes: no host sync."""
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        num_rows, device = features.shape[0], features.device
+        b_max = max(1, min(max(self.budgets(world_size)), num_rows))
+        key = (world_size, b_max, device)
+        if key not in self._layout:  # built once per shape, not per step (no host-to-device copy in the step)
+            budgets = self.budgets(world_size)
+            self._layout[key] = (torch.tensor(budgets, device=device), torch.cat(
+                [torch.arange(min(b, b_max)) + c * b_max for c, b in enumerate(budgets)]).to(device))
+        budgets, blocks = self._layout[key]
+        mask_cn = class_mask.t().to(torch.bool)
+        # a random key in [0, 1) per negative, 2 elsewhere: the b smallest keys of a class are a uniform draw of
+        # min(b, count) of its negatives
+        keys = torch.rand(mask_cn.shape, device=device).masked_fill_(~mask_cn, 2.0)
+        chosen_keys, chosen = keys.topk(b_max, dim=1, largest=False, sorted=True)
+        real = (chosen_keys < 1.0) & (torch.arange(b_max, device=device)[None, :] < budgets[:, None])
+        chosen = torch.where(real, chosen, num_rows).sort(dim=1).values  # pixel order; padding last
+        label = torch.where(chosen < num_rows, torch.arange(1, self.num_classes + 1, device=device)[:, None], 0)
+        # class c's block is its first min(b_c, b_max) columns: a ragged layout, so the message is sum_c b_c rows
+        chosen, label = chosen.reshape(-1)[blocks], label.reshape(-1)[blocks]
+        wire = self._wire_dtype()
+        rows = features.to(wire)[chosen.clamp(max=max(num_rows - 1, 0))]
+        return torch.cat([rows, label[:, None].to(wire)], dim=1).contiguous()
+
+    def _wire_dtype(self) -> torch.dtype:
+        # the label column must hold num_classes exactly: bf16 counts integers exactly up to 256
+        exact = self.dtype == torch.float32 or (self.dtype == torch.float16 and self.num_classes < 2048) \
+            or self.num_classes < 256
+        return self.dtype if exact and self.dtype.is_floating_point else torch.float32
 
     @torch.no_grad()
     def push_packed(self, everything: torch.Tensor, max_pairs: Optional[int] = None) -> None:
-        """Push rows packed by `pack` (every rank's, in rank order)."""
-        self.push(everything[:, : self.dim], everything[:, self.dim :] > 0.5, max_pairs=max_pairs)
+        """Push rows packed by `pack` (every rank's, in rank order): each real row to the class of its label."""
+        label = everything[:, self.dim].round().long()
+        classes = torch.arange(1, self.num_classes + 1, device=everything.device)
+        self.push(everything[:, : self.dim], label[:, None] == classes[None, :], max_pairs=max_pairs)
 
     # ---------------------------------------------------------------- sample
     def sample_indices(
