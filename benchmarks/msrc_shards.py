@@ -68,7 +68,8 @@ def downscaled_copy(root: Path, out: Path, factor: int) -> Path:
             if image.size != mask.size:
                 raise SystemExit(f"{image_path}: image {image.size} and mask {mask.size} differ")
             size = (max(1, round(image.width / factor)), max(1, round(image.height / factor)))
-            image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(new_root / "images" / f"{image_path.stem}.png")
+            small = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+            small.save(new_root / "images" / f"{image_path.stem}.png")
             mask.resize(size, Image.Resampling.NEAREST).save(new_root / "masks" / mask_path.name)
     return new_root
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.xdist_group("ray")
 LAUNCHER = REPO / "launchers" / "ray_train.py"
 # resnet10t at 48 px: the cheapest real steps (a Ray run of the demo's resnet18 took 9 minutes on a loaded 2-core
 # machine); the 2-rank local resume test keeps the demo's resnet18, where rank-dependent teacher faults show
-QUICK = ["model.backbone=resnet10t", "data.crop_size=48", "data.steps_per_epoch=4", "train.checkpoint_interval=2", "train.log_interval=1", "eval.interval_epochs=2",
+QUICK = ["model.backbone=resnet10t", "data.crop_size=48", "data.steps_per_epoch=4", "train.checkpoint_interval=2",
+         "train.log_interval=1", "eval.interval_epochs=2",
          "eval.num_pictures=2", "train.progress_bar=false", "data.batch_size_labeled=4", "data.batch_size_unlabeled=4",
          "data.num_workers=0", "method.contrastive.num_anchors=32", "method.contrastive.queue_size=2000"]
 
