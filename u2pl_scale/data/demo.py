@@ -12,7 +12,7 @@ cluttered backgrounds (low-saturation gradients, distractor lines, pixel noise).
 The task is sized so that a small CNN trained from scratch for a few CPU minutes learns it (colour quickly; the
 shapes and textures that resolve the overlaps more slowly). 256 train images, 1/16 of them (16) labeled: with a
 pretrained backbone (demo_backbone.py, as the published settings start from ImageNet weights) 16 labels leave a
-clear gap to full supervision that the unlabeled images can close (benchmarks/RESULTS.md).
+clear gap to full supervision that the unlabeled images can close.
 
 Every image is a pure function of (seed, split, index), so a build is deterministic and can be parallelised.
 """
@@ -38,7 +38,7 @@ TEXTURES = ["stripes", "checker", "dots", "smooth", "grid"]  # TEXTURES[i] is th
 TEXTURE_SWAP_PROB = 0.1  # how often an object wears a random texture, so texture alone is not enough
 # object hue = class hue (k - 1) / 5 +- this fraction of the hue circle: families 0.3 wide, 0.2 apart, so neighbours
 # share 0.1-wide bands. 0.25 (every hue shared by 2-3 classes) was tried: the teacher then made whole-object,
-# confident colour mistakes that entropy cannot flag, and self-training confirmed them (benchmarks/RESULTS.md).
+# confident colour mistakes that entropy cannot flag, and self-training confirmed them.
 HUE_SPREAD = 0.15
 BACKGROUND_MAX_SATURATION = 0.3
 DEMO_SPLITS = ("labeled", "unlabeled", "val", "full_labeled")

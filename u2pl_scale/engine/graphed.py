@@ -1,9 +1,9 @@
 """train.compile_method_mode=cuda-graph: the method's eager device path captured by hand as two CUDA graphs.
 
 At the published 2 + 2 images per GPU the training step is bound by the host launching kernels, and the eager
-method issues ~136 small ones (benchmarks/RESULTS.md). torch.compile's reduce-overhead mode replays the method as
-CUDA graphs too, but through dynamo's guards, AOTAutograd's runtime wrappers and inductor's CUDA graph trees, and
-after compiling it the whole process ran slower on the lent H100 (RESULTS.md, stop 15; not yet explained). This
+method issues over a hundred small ones. torch.compile's reduce-overhead mode replays the method as CUDA graphs
+too, but through dynamo's guards, AOTAutograd's runtime wrappers and inductor's CUDA graph trees, which can make
+the whole process slower after compiling. This
 mode has none of that: the eager code (static shapes, no host reads: the device path) is captured once per input
 signature, forward and backward each as one graph, the way torch.cuda.make_graphed_callables does it, and each
 step copies its inputs into the graphs' static inputs and replays them.

@@ -12,8 +12,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bf16 convolutions and matmuls in hardware. A CUDA GPU from Ampere on; a CPU where
     oneDNN has bf16 kernels (x86 with AVX-512, AMX or AVX-NE-CONVERT, ARM with its bf16 extension). On an AVX2-only
-    x86 CPU oneDNN emulates bf16: under bf16 autocast the demo's training step ran 26x slower than in fp32, the
-    demo-backbone pretraining 8x (benchmarks/cpu_precision.py, benchmarks/RESULTS.md)."""
+    x86 CPU oneDNN emulates bf16, many times slower than fp32 (benchmarks/cpu_precision.py measures it)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":

@@ -173,7 +173,7 @@ def method_after_push(sc: StepConfig, rep, prepared, queues, generator=None):
 def compiled_method_losses(mode: str):
     """method_losses under torch.compile (train.compile_method, train.compile_method_mode). Compiled code takes the
     method's device path on every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes:
-    on a GPU its ~200 small kernels (see benchmarks/RESULTS.md) fuse into a few, and with mode reduce-overhead the
+    on a GPU its hundreds of small kernels fuse into a few, and with mode reduce-overhead the
     forward and the backward each replay as one CUDA graph. At world size > 1 the queues' all-gather splits it.
     Its random draws (anchor and negative sampling) come from inductor's generator, seeded from torch's."""
     return torch.compile(method_losses, dynamic=False, mode=mode)
@@ -226,7 +226,7 @@ def method_runs_in_profile(prof) -> dict:
     """How the method ran inside a finished torch.profiler run: `compiled` (calls of compiled regions), `captured`
     (replays of the method captured by hand, train.compile_method_mode=cuda-graph), `graph_launches` (CUDA graph
     replays) and `eager` (nodes of the eager contrastive loss, an autograd.Function that compiled code inlines).
-    A diagnostic: dynamo can fall back to eager silently (benchmarks/RESULTS.md)."""
+    A diagnostic: dynamo can fall back to eager silently."""
     names = collections.Counter(event.name for event in prof.events())
     return {"compiled": sum(n for name, n in names.items() if name.startswith("Torch-Compiled Region")),
             "captured": names["_Replay"],

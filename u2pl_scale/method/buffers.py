@@ -3,7 +3,7 @@
 torch has no caching allocator on CPU: every large tensor is a fresh mmap that page-faults (and is zeroed by the
 kernel) on first touch, so a step that allocates the unsupervised loss's saved gradient (B x C x crop x crop) and
 the feature-map gradient of the anchor gather (B x D x h x w) pays for hundreds of MB of page faults and fills
-each time: about a fifth of the method work at the VOC shapes on 2 cores (benchmarks/RESULTS.md).
+each time, a large share of the method's work at the VOC shapes.
 
 A buffer here is handed out again only when nothing but this pool references its storage (no tensor, view or
 autograd graph still holds it), so reuse is invisible to callers: a result that outlives its step, or a second

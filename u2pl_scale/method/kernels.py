@@ -1,13 +1,13 @@
 """The method's Triton kernels, for CUDA devices: each replaces a run of small torch ops where the eager method's
-cost on a GPU is the host's work to issue them (benchmarks/RESULTS.md). Where Triton is missing or a launch fails
+cost on a GPU is the host's work to issue them. Where Triton is missing or a launch fails
 (warned once), the method uses torch ops; compiled code (train.compile_method) uses them too, except copy_rows_.
 
 copy_rows_: dst[dst_index[i]] = src[src_index[i]] for the first `count` entries, `count` a device tensor. The
 queue push (queues.py) writes its kept (pixel, class) pairs compacted to a static size, the real pairs first
 and padding after (directed at a scratch row), so that accelerators never read the number of pairs back. With
 index_copy_ every padded entry costs as much as a real one: at the VOC shapes the static size is the queues' whole
-capacity (650,000 rows of 256 floats), and on an H100 that one index_copy_ took 4.2 ms of the method's 7.4 ms of
-GPU time whatever the number of real pairs (benchmarks/RESULTS.md). On a CUDA device with Triton, a Triton kernel
+capacity (650,000 rows of 256 floats), so that one copy would dominate the method's GPU time whatever the number
+of real pairs. On a CUDA device with Triton, a Triton kernel
 copies whole rows (one program per block of rows, each row's columns contiguous) and masks off the entries at or
 after `count`, which cost no memory traffic: the copy moves the real rows only. Elsewhere it is the index_copy_
 of the padded list (same result outside the scratch row, which is never read).

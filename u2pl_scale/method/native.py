@@ -5,7 +5,7 @@ dot products with their sampled negatives) are bound by memory traffic: as torch
 MB several times, once per op. The kernels read each input once and keep a pixel row, or an anchor's negatives,
 in cache for all the passes over it; the teacher rows are normalised for the queues and summed into prototypes in
 one pass, the negatives' class mask comes from one pass over the teacher's probabilities, and the queue push copies
-each kept row straight into its ring slot (benchmarks/RESULTS.md has the figures).
+each kept row straight into its ring slot.
 
 They are an optional accelerator, like NVIDIA apex on a GPU: no Python headers and no torch headers are needed, a
 plain C compiler builds them in about a second, and the result is cached (by the hash of the source, the compiler,
