@@ -2,8 +2,9 @@
 
 The published U2PL settings start every run, supervised or semi-supervised, from an ImageNet-pretrained backbone.
 From scratch, in a CPU budget of minutes, the demo's segmentation model is limited by how slowly it learns shape
-and texture, not by how many labels it has, so a semi-supervised method has nothing to add. This module pretrains a timm backbone the way ImageNet weights are made: image-level classification
-on a separate, larger labeled set.
+and texture, not by how many labels it has, so a semi-supervised method has nothing to add. This module
+pretrains a timm backbone the way ImageNet weights are made: image-level classification on a separate, larger
+labeled set.
 
 The pretraining set is generated, never taken from the demo: single-object images (seed stream 7, disjoint from
 the demo's train and val streams) labeled with the object's SHAPE and TEXTURE (5 + 5 classes, two linear heads on
