@@ -60,8 +60,9 @@ def incomplete_reason(path: Path) -> Optional[str]:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {COMPLETE} says {size}"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, {COMPLETE} says {size}"
     return None
 
 

@@ -17,8 +17,7 @@ def _layer_id(name: str, num_layers: int) -> int:
     rest = name[len("backbone."):]
     if rest.startswith("blocks."):
         return int(rest.split(".")[1]) + 1
-    if rest.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token", "register_tokens", "mask_token",
-                        "rope")):
+    if rest.startswith(("patch_embed", "rope", *NO_DECAY_NAMES)):
         return 0
     return num_layers + 1
 

@@ -20,7 +20,7 @@ compiled code and `max_pairs` take the compacted path.
 `push_distributed` does ONE fixed-size all_gather per step for all classes, whose size does not grow with the
 world size W: each rank sends, for every class c, at most b_c = ceil(capacity_c / W) of its negatives of c, drawn
 uniformly without replacement where it has more (all of them, in pixel order, where it has no more), in the queue
-dtype, with a validity column. The gathered rows (W x sum_c b_c, about the queues' total capacity) are pushed in
+dtype, with a label column. The gathered rows (W x sum_c b_c, about the queues' total capacity) are pushed in
 rank order, so every rank ends with identical queues, holding every rank's negatives in proportion. The published
 push gathers every pixel of every rank and keeps the newest capacity_c rows in rank order: with more negatives
 than the capacity in one step (VOC shapes on 4 GPUs: 133k pixels per rank against 30k rows) its queues hold the
@@ -213,10 +213,9 @@ class ClassQueues:
         return torch.cat([rows, label[:, None].to(wire)], dim=1).contiguous()
 
     def _wire_dtype(self) -> torch.dtype:
-        # the label column must hold num_classes exactly: bf16 counts integers exactly up to 256
-        exact = self.dtype == torch.float32 or (self.dtype == torch.float16 and self.num_classes < 2048) \
-            or self.num_classes < 256
-        return self.dtype if exact and self.dtype.is_floating_point else torch.float32
+        # the label column must hold num_classes exactly: the integers each float type counts exactly up to
+        exact_up_to = {torch.float32: 2 ** 24, torch.float16: 2048, torch.bfloat16: 256}.get(self.dtype, 0)
+        return self.dtype if self.num_classes < exact_up_to else torch.float32
 
     @torch.no_grad()
     def push_packed(self, everything: torch.Tensor, max_pairs: Optional[int] = None) -> None:

@@ -34,13 +34,10 @@ LIST_LIMIT = 20
 def create_backbone(name: str, output_stride: int = 8, pretrained: bool = False, pretrained_path: str = "",
                     multi_grid: Sequence[int] = (), stem_ceil_mode: bool = False,
                     allow_partial_load: bool = False, backbone_kwargs: dict | None = None) -> nn.Module:
-    """timm features_only backbone with the published-layout options applied and the weights loaded and checked."""
-    use_hub = pretrained and not pretrained_path
-    with _timm_load_report(use_hub) as report:
-        backbone = timm.create_model(name, features_only=True, output_stride=output_stride, pretrained=use_hub,
-                                     **(backbone_kwargs or {}))
-    if use_hub:
-        _check_hub_load(name, report, allow_partial_load)
+    """timm features_only backbone with the weights loaded and checked and the published-layout options applied
+    (they change no tensor, so the order does not matter)."""
+    backbone = create_checked(name, pretrained, pretrained_path, allow_partial_load, features_only=True,
+                              output_stride=output_stride, **(backbone_kwargs or {}))
     if multi_grid:
         apply_multi_grid(backbone, multi_grid, name)
     if stem_ceil_mode:
@@ -48,9 +45,21 @@ def create_backbone(name: str, output_stride: int = 8, pretrained: bool = False,
         if not isinstance(pool, nn.MaxPool2d):
             raise ValueError(f"model.stem_ceil_mode: backbone {name!r} has no stem max-pool (nn.MaxPool2d 'maxpool')")
         pool.ceil_mode = True
-    if pretrained and pretrained_path:
-        load_backbone_weights(backbone, pretrained_path, allow_partial_load, name)
     return backbone
+
+
+def create_checked(name: str, pretrained: bool, pretrained_path: str, allow_partial_load: bool,
+                   **create_kwargs) -> nn.Module:
+    """timm.create_model(name, **create_kwargs) with pretrained weights from the hub (pretrained, no path) or from
+    pretrained_path, either load checked to be complete (allow_partial_load: a warning instead of an error)."""
+    use_hub = pretrained and not pretrained_path
+    with _timm_load_report(use_hub) as report:
+        model = timm.create_model(name, pretrained=use_hub, **create_kwargs)
+    if use_hub:
+        _check_hub_load(name, report, allow_partial_load)
+    if pretrained and pretrained_path:
+        load_backbone_weights(model, pretrained_path, allow_partial_load, name)
+    return model
 
 
 def apply_multi_grid(backbone: nn.Module, dilations: Sequence[int], name: str = "") -> None:

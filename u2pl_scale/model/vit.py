@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import _check_hub_load, _timm_load_report, load_backbone_weights
+from .backbone import create_checked
 from .deeplab import _head, conv_bn_relu
 
 VIT_PREFIXES = ("vit_", "eva")
@@ -66,14 +65,8 @@ class ViTSegmenter(nn.Module):
                  drop_path: float = 0.0, freeze_backbone: bool = False, grad_checkpointing: bool = False,
                  allow_partial_load: bool = False, backbone_kwargs: dict | None = None):
         super().__init__()
-        use_hub = pretrained and not pretrained_path
-        with _timm_load_report(use_hub) as report:
-            self.backbone = timm.create_model(backbone, pretrained=use_hub, num_classes=0, dynamic_img_size=True,
-                                              drop_path_rate=drop_path, **(backbone_kwargs or {}))
-        if use_hub:
-            _check_hub_load(backbone, report, allow_partial_load)
-        if pretrained and pretrained_path:
-            load_backbone_weights(self.backbone, pretrained_path, allow_partial_load, backbone)
+        self.backbone = create_checked(backbone, pretrained, pretrained_path, allow_partial_load, num_classes=0,
+                                       dynamic_img_size=True, drop_path_rate=drop_path, **(backbone_kwargs or {}))
         depth = len(self.backbone.blocks)
         self.blocks = list(blocks) or default_blocks(depth)
         if len(self.blocks) != 4 or not all(0 <= b < depth for b in self.blocks):
