@@ -49,6 +49,15 @@ class DataConfig:
     steps_per_epoch: int = 0
     # Bad samples (corrupt image, mask mismatch, out-of-range labels): "skip" (counted, reported) or "error".
     on_bad_sample: str = "skip"
+    # Shards over http(s):// (a set's directory URL holding manifest.json, its manifest URL, or shard URLs): a
+    # dropped connection, short read, timeout or 5xx/408/429 answer is retried `retries` times, the k-th retry after
+    # retry_backoff_s * 2^(k-1) s (times a jitter in [0.5, 1)); then the shard is skipped as a bad shard.
+    retries: int = 3
+    retry_backoff_s: float = 0.5
+    read_timeout_s: float = 60.0  # socket timeout of each HTTP read
+    # Hash every shard before its samples are used and compare with its manifest's sha256; a shard that differs is
+    # a bad shard, named in the log (skipped and counted, or the error with on_bad_sample=error). Needs manifests.
+    verify_checksums: bool = False
     # Build the demo shards when the configured paths are missing and name the demo set.
     build_demo_if_missing: bool = True
 
@@ -369,6 +378,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data.{name}: must be >= 1, got {getattr(d, name)}")
     if d.num_workers < 0 or d.steps_per_epoch < 0 or d.unlabeled_size < 0:
         raise ConfigError("data.num_workers/steps_per_epoch/unlabeled_size: must be >= 0")
+    if d.retries < 0:
+        raise ConfigError(f"data.retries: must be >= 0, got {d.retries}")
+    if d.retry_backoff_s < 0:
+        raise ConfigError(f"data.retry_backoff_s: must be >= 0, got {d.retry_backoff_s}")
+    if d.read_timeout_s <= 0:
+        raise ConfigError(f"data.read_timeout_s: must be > 0, got {d.read_timeout_s}")
     if cfg.model.output_stride not in (8, 16, 32):
         raise ConfigError(f"model.output_stride: must be 8, 16 or 32, got {cfg.model.output_stride}")
     if len(cfg.model.aspp_dilations) != 3:

@@ -1,4 +1,4 @@
-"""Shard reading: resolve shard sets, split them over nodes and workers, and stream batches.
+"""Shard reading: split shard sets over nodes and workers, and stream batches.
 
 Train streams (`make_train_loader`) are endless and reshuffled every pass, so every rank yields exactly the
 number of batches asked for, whatever the shard sizes (no DDP hang). The shard list is shuffled per
@@ -12,153 +12,35 @@ i % world_size (then split over workers), unaugmented, batch size 1.
 
 Bad samples and unreadable shards are skipped and counted by reason (`on_bad_sample="skip"`; counts travel in
 each batch's "bad" dict and add up in the stream's `bad_counts`) or raise `BadSample` naming shard and key.
+
+Shards are opened by `u2pl_scale.data.remote` (http(s) fetched whole with retries, checksums verified per
+`ReadPolicy`); a shard it cannot fetch or verify is a "bad_shard" like any unreadable one, named in the log (or the
+error). Skipped shards never shorten a train stream: it is endless and cut at the asked number of batches.
 """
 from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
-import os
 import re
-import shlex
 import tarfile
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from u2pl_scale.data.decode import BAD_REASONS, BadSample, decode_sample
+# resolve_shards, unlabeled_size and read_manifest are re-exported: callers import them from here
+from u2pl_scale.data.remote import (ReadPolicy, check_manifests, open_shard, read_manifest,  # noqa: F401
+                                    read_policy, resolve_set, resolve_shards, unlabeled_size)
 from u2pl_scale.data.transforms import weak_augment
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "u2pl-shards/1"
-SPLITS_WITH_MASKS = ("labeled", "val")
 # WebDataset naming: the key is the member path up to the first dot of its file name, the rest is the extension.
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _SHUFFLE_STREAM = 1  # distinguishes the shuffle-buffer RNG from the per-sample augmentation RNGs
-
-
-# ----------------------------------------------------------------------------------------------- shard sets
-
-@dataclass
-class ShardSet:
-    """Shard URLs of one or more sets, their total sample count (None if unknown) and the manifests read."""
-    urls: list
-    num_samples: Optional[int]
-    manifests: list  # (manifest path/URL, manifest dict)
-
-
-def _is_remote(spec: str) -> bool:
-    return spec.startswith("pipe:") or "://" in spec
-
-
-def _open_stream(url: str):
-    """A binary stream for a local path, pipe: command or object-store URL."""
-    if not _is_remote(url):
-        return open(url, "rb")
-    if url.startswith("s3://"):  # WebDataset has no s3 handler; its documented route is the aws CLI
-        url = f"pipe:aws s3 cp {shlex.quote(url)} -"
-    return wds.gopen(url, "rb")
-
-
-def read_manifest(location: str) -> dict:
-    """Load and check a manifest.json (local path or URL); errors name the location."""
-    try:
-        with _open_stream(location) as stream:
-            manifest = json.load(stream)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"shard manifest not found: {location}") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"shard manifest {location} cannot be read: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"shard manifest {location}: expected format {MANIFEST_FORMAT!r}, "
-                         f"got {manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r}")
-    if not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
-        raise ValueError(f"shard manifest {location}: 'shards' must be a non-empty list")
-    return manifest
-
-
-def _from_manifest(location: str) -> ShardSet:
-    manifest = read_manifest(location)
-    if _is_remote(location):
-        base = location.rsplit("/", 1)[0]
-        urls = [f"{base}/{entry['name']}" for entry in manifest["shards"]]
-    else:
-        base = os.path.dirname(os.path.abspath(location))
-        urls = [os.path.join(base, entry["name"]) for entry in manifest["shards"]]
-        missing = [url for url in urls if not os.path.isfile(url)]
-        if missing:
-            raise FileNotFoundError(f"shard {missing[0]} listed in {location} not found "
-                                    f"({len(missing)} of {len(urls)} shards missing)")
-    return ShardSet(urls, int(manifest["num_samples"]), [(location, manifest)])
-
-
-def _resolve_one(spec: str) -> ShardSet:
-    if _is_remote(spec):
-        if spec.endswith(".json") and not spec.startswith("pipe:"):
-            return _from_manifest(spec)
-        return ShardSet(wds.shardlists.expand_urls(spec), None, [])  # streamed as is, nothing to check
-    if os.path.isdir(spec):
-        manifest = os.path.join(spec, MANIFEST_NAME)
-        if not os.path.isfile(manifest):
-            raise FileNotFoundError(f"{manifest} not found: a shard directory needs its manifest "
-                                    f"(or give a brace pattern of its shards)")
-        return _from_manifest(manifest)
-    if spec.endswith(".json"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"shard manifest not found: {spec}")
-        return _from_manifest(spec)
-    urls = wds.shardlists.expand_urls(spec)
-    missing = [url for url in urls if not os.path.isfile(url)]
-    if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} from {spec!r} missing)")
-    return ShardSet(urls, None, [])
-
-
-def _resolve(spec: Any) -> ShardSet:
-    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    if not specs:
-        raise ValueError("empty shard specification")
-    parts = [_resolve_one(os.fspath(item)) for item in specs]
-    counts = [part.num_samples for part in parts]
-    return ShardSet([url for part in parts for url in part.urls],
-                    None if None in counts else sum(counts),
-                    [m for part in parts for m in part.manifests])
-
-
-def resolve_shards(spec: Any) -> tuple:
-    """Shard URLs and total sample count (None unless every set has a manifest) for a shard specification.
-
-    spec: a directory holding manifest.json, a manifest path or URL, a brace pattern of local shards, a `pipe:`
-    command, an object-store URL (s3://, gs://, http(s)://), or a list of those. Missing local paths raise
-    FileNotFoundError naming the path; nothing is listed or scanned beyond the manifest or pattern.
-    """
-    shard_set = _resolve(spec)
-    return shard_set.urls, shard_set.num_samples
-
-
-def unlabeled_size(spec: Any) -> Optional[int]:
-    """Number of samples in a shard set according to its manifest(s); None when given as a pattern or URL."""
-    return _resolve(spec).num_samples
-
-
-def _check_manifests(shard_set: ShardSet, split: str, num_classes: int, ignore_index: int) -> None:
-    """Fail early when a manifest contradicts the split or the config."""
-    for location, manifest in shard_set.manifests:
-        if split in SPLITS_WITH_MASKS and not manifest.get("has_masks", False):
-            raise ValueError(f"{location}: the {split} set needs masks, but its manifest says has_masks=false")
-        if manifest.get("num_classes") not in (None, num_classes):
-            raise ValueError(f"{location}: manifest num_classes={manifest['num_classes']} but "
-                             f"data.num_classes={num_classes}")
-        if manifest.get("ignore_index", ignore_index) != ignore_index:
-            raise ValueError(f"{location}: manifest ignore_index={manifest['ignore_index']} but "
-                             f"data.ignore_index={ignore_index}")
 
 
 # --------------------------------------------------------------------------------------- reading shards
@@ -170,14 +52,15 @@ def _skip_or_raise(error: BadSample, on_bad_sample: str, counts: collections.Cou
     logger.warning("skipping %s", error)
 
 
-def iter_shard(url: str, on_bad_sample: str, counts: collections.Counter) -> Iterator[tuple]:
+def iter_shard(url: str, on_bad_sample: str, counts: collections.Counter,
+               policy: Optional[ReadPolicy] = None) -> Iterator[tuple]:
     """Raw samples (key, {extension: bytes}) of one tar shard, in tar order; nothing is decoded here.
 
-    A shard that cannot be opened or read as a tar is counted as "bad_shard" (or raises in "error" mode);
-    members without an extension are counted as unexpected members.
+    A shard that cannot be opened, fetched (after the policy's retries), verified or read as a tar is counted as
+    "bad_shard" (or raises in "error" mode); members without an extension are counted as unexpected members.
     """
     try:
-        with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_shard(url, policy or ReadPolicy()) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             key, members = None, {}
             for info in tar:
                 if not info.isfile():
@@ -222,14 +105,15 @@ def worker_share(urls: Sequence[str], seed: int, epoch: int, cycle: int, global_
     return WorkerShare(shuffled, global_workers, (global_worker + cycle) % global_workers)
 
 
-def iter_share(share: WorkerShare, on_bad_sample: str, counts: collections.Counter) -> Iterator[tuple]:
+def iter_share(share: WorkerShare, on_bad_sample: str, counts: collections.Counter,
+               policy: Optional[ReadPolicy] = None) -> Iterator[tuple]:
     """One non-repeating pass over a worker's share: (shard url, key, members) of the samples it owns."""
     index = 0
     for position, url in enumerate(share.urls):
         # With a sample-level split every worker reads every shard; one of them reports a broken shard.
         reports_shard = position % share.sample_stride == share.sample_offset
         shard_counts = counts if reports_shard else collections.Counter()
-        for key, members in iter_shard(url, on_bad_sample, shard_counts):
+        for key, members in iter_shard(url, on_bad_sample, shard_counts, policy):
             if index % share.sample_stride == share.sample_offset:
                 yield url, key, members
             index += 1
@@ -266,8 +150,9 @@ class _TrainBatches(IterableDataset):
     """Endless stream of augmented batches for one rank; each DataLoader worker builds whole batches."""
 
     def __init__(self, urls: list, with_label: bool, data_cfg, batch_size: int, rank: int, world_size: int,
-                 seed: int, epoch: int, start_step: int):
+                 seed: int, epoch: int, start_step: int, policy: Optional[ReadPolicy] = None):
         self.urls, self.with_label, self.batch_size = urls, with_label, batch_size
+        self.policy = policy or ReadPolicy()
         self.rank, self.world_size, self.seed, self.epoch, self.start_step = rank, world_size, seed, epoch, start_step
         self.num_workers = max(1, data_cfg.num_workers)
         self.num_classes, self.ignore_index = data_cfg.num_classes, data_cfg.ignore_index
@@ -282,7 +167,7 @@ class _TrainBatches(IterableDataset):
         for cycle in itertools.count():
             share = worker_share(self.urls, self.seed, self.epoch, cycle, global_worker, global_workers)
             owned = 0
-            for url, key, members in iter_share(share, self.on_bad_sample, counts):
+            for url, key, members in iter_share(share, self.on_bad_sample, counts, self.policy):
                 owned += 1
                 yield cycle, url, key, members
             empty_passes = 0 if owned else empty_passes + 1
@@ -349,8 +234,9 @@ class _TrainBatches(IterableDataset):
 class _ValSamples(IterableDataset):
     """Every val sample once over all ranks and workers: sample i goes to rank i % world_size."""
 
-    def __init__(self, urls: list, data_cfg, rank: int, world_size: int):
+    def __init__(self, urls: list, data_cfg, rank: int, world_size: int, policy: Optional[ReadPolicy] = None):
         self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.policy = policy or ReadPolicy()
         self.num_workers = max(1, data_cfg.num_workers)
         self.num_classes, self.ignore_index = data_cfg.num_classes, data_cfg.ignore_index
         self.on_bad_sample = data_cfg.on_bad_sample
@@ -361,7 +247,7 @@ class _ValSamples(IterableDataset):
         # Offset worker * world_size + rank with stride world_size * workers: i % world_size == rank, then by worker.
         share = WorkerShare(self.urls, self.world_size * self.num_workers, worker_id * self.world_size + self.rank)
         counts = collections.Counter()
-        for url, key, members in iter_share(share, self.on_bad_sample, counts):
+        for url, key, members in iter_share(share, self.on_bad_sample, counts, self.policy):
             try:
                 decoded = decode_sample(members, url, key, True, self.num_classes, self.ignore_index)
             except BadSample as error:
@@ -440,10 +326,10 @@ def make_train_loader(data_cfg, split: str, batch_size: int, rank: int, world_si
         raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-    shard_set = _resolve(getattr(data_cfg, split))
-    _check_manifests(shard_set, split, data_cfg.num_classes, data_cfg.ignore_index)
+    shard_set = resolve_set(getattr(data_cfg, split), read_policy(data_cfg))
+    check_manifests(shard_set, split, data_cfg.num_classes, data_cfg.ignore_index)
     dataset = _TrainBatches(shard_set.urls, split == "labeled", data_cfg, batch_size, rank, world_size, seed, epoch,
-                            start_step)
+                            start_step, read_policy(data_cfg, shard_set))
     return TrainStream(dataset, data_cfg.num_workers, steps - start_step)
 
 
@@ -452,6 +338,7 @@ def make_val_loader(data_cfg, rank: int, world_size: int) -> ValStream:
     "label" uint8 [1, H, W], "key" [str], "bad" {reason: count}. Over all ranks every sample is seen exactly once."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-    shard_set = _resolve(data_cfg.val)
-    _check_manifests(shard_set, "val", data_cfg.num_classes, data_cfg.ignore_index)
-    return ValStream(_ValSamples(shard_set.urls, data_cfg, rank, world_size), data_cfg.num_workers)
+    shard_set = resolve_set(data_cfg.val, read_policy(data_cfg))
+    check_manifests(shard_set, "val", data_cfg.num_classes, data_cfg.ignore_index)
+    return ValStream(_ValSamples(shard_set.urls, data_cfg, rank, world_size, read_policy(data_cfg, shard_set)),
+                     data_cfg.num_workers)

@@ -243,7 +243,8 @@ class ShardSetWriter:
         self._tar.close()
         self._file.close()
         os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
-        self._shards.append({"name": name, "num_samples": self._shard_count, "sha256": self._file.hexdigest()})
+        self._shards.append({"name": name, "num_samples": self._shard_count, "sha256": self._file.hexdigest(),
+                             "size": self._file.tell()})
         self._tar = self._file = None
 
     def write(self, sample: EncodedSample) -> None:
