@@ -14,6 +14,7 @@ import torch
 from sync_audit import SyncAudit
 from u2pl_scale.config import load_config
 from u2pl_scale.data.transforms import normalize
+from u2pl_scale.engine.guard import StepGuard
 from u2pl_scale.engine.optim import build_optimizer, build_scheduler
 from u2pl_scale.engine.step import StepConfig, supervised_step, u2pl_step
 from u2pl_scale.method import ema
@@ -56,8 +57,12 @@ def test_a_training_step_on_the_device_path_never_syncs(phase):
     scheduler = build_scheduler(optimizer, 100, cfg.optim.poly_power)
     sc = StepConfig.from_config(cfg)
     image_l, label_l, image_u, valid_u = _batch(2, 32, num_classes)
+    # the non-finite guard as a GPU with a fused optimiser runs it (its found_inf kernel aside: no meta kernel)
+    guard = StepGuard((student, teacher), optimizer, META, 1, 20, history=4)
+    guard.device_side = True
 
     def step(steps_since_copy: int) -> None:
+        guard.begin(steps_since_copy, ["key"])
         # the trainer's prepare(): pinned batches go to the device without blocking
         x_l = normalize(image_l.to(META, non_blocking=True), cfg.data.mean, cfg.data.std, True)
         y_l = label_l.to(META, non_blocking=True).long()
@@ -68,10 +73,13 @@ def test_a_training_step_on_the_device_path_never_syncs(phase):
         else:
             terms = supervised_step(sc, student, x_l, y_l, contextlib.nullcontext)
         terms["loss"].backward()
+        guard.check(terms["loss"], student.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        ema.update_(teacher, student, steps_since_copy, cfg.method.ema_decay)
+        assert not guard.skip_on_host()
+        ema.update_(teacher, student, steps_since_copy, cfg.method.ema_decay, gate=guard.ema_gate())
+        guard.end(steps_since_copy)
 
     step(0)  # warm-up: per-process constants (normalisation stats, resize indices) are copied once, here
     with SyncAudit() as audit:

@@ -192,6 +192,9 @@ class TrainConfig:
     log_interval: int = 20
     checkpoint_interval: int = 0  # steps; 0 = at the end of every epoch only
     keep_checkpoints: int = 2
+    # a step whose loss or gradients are not finite is skipped and counted; this many in a row stop the run
+    # (engine/guard.py); 0 = never stop
+    max_consecutive_nonfinite: int = 20
     run_dir: str = "runs/demo"
     resume: str = ""  # path to checkpoint, "auto" = latest in run_dir, "" = fresh
     progress_bar: bool = True
@@ -422,6 +425,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
+    if cfg.train.max_consecutive_nonfinite < 0:
+        raise ConfigError(f"train.max_consecutive_nonfinite: must be >= 0 (0 = never stop), got "
+                          f"{cfg.train.max_consecutive_nonfinite}")
     if cfg.method.sup_only_epoch < 0:
         raise ConfigError("method.sup_only_epoch: must be >= 0")
     if cfg.method.teacher_follow_epochs < 0:

@@ -31,12 +31,19 @@ class DDPBackend:
         else:
             self.forward_model = model
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
+    def backward_and_step(self, loss: torch.Tensor, guard=None) -> None:
+        """Backward (DDP all-reduces the gradients), then the optimiser and LR steps; with a StepGuard
+        (engine/guard.py) a step whose loss or gradients are not finite leaves the weights and optimiser state."""
         self.scaler.scale(loss).backward()
+        if guard is not None:  # under fp16 GradScaler finds and skips non-finite gradients itself: the loss only
+            guard.check(loss, None if self.scaler.is_enabled() else self.module.parameters())
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip, foreach=True)
-        self.scaler.step(self.optimizer)
+        if guard is None or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+        else:
+            guard.optimizer_step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -91,7 +98,13 @@ class DeepSpeedBackend:
         self.forward_model = self.engine
         self.scaler = None
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
+    def backward_and_step(self, loss: torch.Tensor, guard=None) -> None:
+        """With a StepGuard the loss is checked first (ZeRO's gradients are partitioned, not on the parameters): a
+        non-finite one skips the backward and the optimiser step on every rank; the LR schedule still advances."""
+        if guard is not None and guard.check(loss, None).item():
+            self.engine.zero_grad()
+            self.scheduler.step()
+            return
         self.engine.backward(loss)
         self.engine.step()  # optimizer step, zero grad and LR scheduler step
 

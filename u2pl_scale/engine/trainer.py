@@ -27,6 +27,7 @@ from ..model import build_model, convert_sync_bn
 from . import checkpoint as ckpt
 from .backends import build_backend
 from .evaluate import evaluate
+from .guard import StepGuard
 from .hooks import TrainHooks
 from .optim import build_optimizer, build_scheduler, describe_groups
 from .outputs import RunOutputs, save_prediction_grid
@@ -73,7 +74,8 @@ class _Meter:
     """Sums device tensors between log steps; reads them back to the host only when asked. Means, except the
     `COUNTED` terms, which are reported as counts over the interval and kept as run totals."""
 
-    COUNTED = ("sup_empty",)  # labeled batches with every pixel ignored (their supervised loss is 0)
+    # labeled batches with every pixel ignored (their supervised loss is 0); steps skipped as not finite
+    COUNTED = ("sup_empty", "nonfinite")
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -107,6 +109,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     hooks = hooks or TrainHooks()
     t_start = time.time()
     info = dist.init_distributed(cfg.train.device)
+    dist.write_rank_record(cfg.train.run_dir, info)  # {run_dir}/ranks/rank{R}.json: host and rank variables
     rank, world, device = info.rank, info.world_size, info.device
     check_method_mode(cfg.train, device)
     main = rank == 0
@@ -167,6 +170,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
     sc = StepConfig.from_config(cfg)
     autocast_ctx = lambda: autocast(cfg.train.precision, device)  # noqa: E731
     generator = None  # the global (per-rank seeded, checkpointed) RNG drives CutMix and sampling
+    guard = StepGuard((module, teacher), optimizer, device, world, cfg.train.max_consecutive_nonfinite,
+                      history=cfg.train.log_interval)
 
     # resume
     step, semi_started, steps_since_copy, best_miou = 0, False, 0, -1.0
@@ -268,6 +273,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 dist.broadcast_buffers_(module)
                 ema.copy_(teacher, module)
                 semi_started, steps_since_copy = True, 0
+            guard.begin(step, batch_l["key"] + (batch_u["key"] if semi else []))  # after the copy: what a skip keeps
             if semi:
                 x_u, _ = prepare(batch_u, with_label=False)
                 valid_u = batch_u["valid"].to(device, non_blocking=True)
@@ -278,15 +284,19 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
             else:
                 terms = supervised_step(sc, student, x_l, y_l, autocast_ctx)
                 images_seen += x_l.shape[0]
-            backend.backward_and_step(terms["loss"])
+            backend.backward_and_step(terms["loss"], guard)
+            terms["nonfinite"] = guard.bad.float()
             if semi:
-                if step < follow_until:
-                    ema.follow_(teacher, module)
+                if guard.skip_on_host():
+                    pass  # a skipped step leaves the teacher (engine/guard.py)
+                elif step < follow_until:
+                    ema.follow_(teacher, module)  # the student did not move on a skipped step: a no-op then
                 else:
-                    ema.update_(teacher, module, steps_since_copy, cfg.method.ema_decay)
+                    ema.update_(teacher, module, steps_since_copy, cfg.method.ema_decay, gate=guard.ema_gate())
                 steps_since_copy += 1
-                if average_teacher_stats:
-                    dist.average_running_stats_(teacher)
+            guard.end(step)  # before the teacher's statistics are averaged: a skipped step's are put back first
+            if semi and average_teacher_stats:
+                dist.average_running_stats_(teacher)
             meter.add(terms)
             step += 1
             out.advance()
@@ -305,6 +315,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
                 out.log(step, metrics)
                 with ckpt.rng_preserved():
                     hooks.on_log(step, metrics)
+                guard.stop_if_exhausted(run_dir, say=out.message)
             # an epoch end is saved below, after the evaluation
             if cfg.train.checkpoint_interval and step % cfg.train.checkpoint_interval == 0 and not at_epoch_end():
                 save({"step": step})
@@ -345,6 +356,7 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         "derived": derived.as_dict(),
         "bad_samples": bad_counts,
         "empty_labeled_batches": dist.sum_counts({"sup_empty": int(meter.totals["sup_empty"])}).get("sup_empty", 0),
+        "nonfinite_steps": int(meter.totals["nonfinite"]),  # the same on every rank: ranks skip together
         "val_bad_samples": dist.sum_counts(val_bad),
         "resumed_from": resumed_from,
         "queue_digests": dist.gather_objects(queue_digest(queues)),

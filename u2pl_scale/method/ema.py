@@ -10,6 +10,8 @@ For `teacher_follow_epochs` after the copy the published code keeps re-copying t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -45,13 +47,20 @@ def follow_(teacher: nn.Module, student: nn.Module) -> None:
 
 
 @torch.no_grad()
-def update_(teacher: nn.Module, student: nn.Module, steps_since_copy: int, ema_decay: float = 0.99) -> float:
-    """One EMA step over parameters (one fused foreach lerp); returns the decay used."""
+def update_(teacher: nn.Module, student: nn.Module, steps_since_copy: int, ema_decay: float = 0.99,
+            gate: Optional[torch.Tensor] = None) -> float:
+    """One EMA step over parameters (one fused foreach lerp); returns the decay used. `gate`, a device scalar,
+    multiplies the step's weight (0: the teacher stays, without a host read: engine/guard.py)."""
     decay = decay_at(steps_since_copy, ema_decay)
     teacher_params, student_params = _paired(teacher.parameters(), student.parameters(), "parameters")
     if teacher_params:
         # lerp: t + (1 - decay) * (s - t) == decay * t + (1 - decay) * s
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
+        if gate is None:
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
+        else:  # the same sum, spelled out: a tensor lerp weight is read on the host (.item())
+            step = torch._foreach_sub(student_params, teacher_params)
+            torch._foreach_mul_(step, (1.0 - decay) * gate)
+            torch._foreach_add_(teacher_params, step)
     return decay
 
 

@@ -43,6 +43,12 @@ from .kernels import copy_rows_, push_rows_
 from .reliability import cpu_single_thread
 
 
+def finite_rows(features: torch.Tensor) -> torch.Tensor:
+    """[1, N] bool: the rows with every value finite. A queue never takes another: one inf or NaN row would make
+    every later contrastive loss that samples it non-finite (engine/guard.py skips such steps, it cannot mend them)."""
+    return torch.isfinite(features).all(dim=1)[None, :]
+
+
 class ClassQueues:
     def __init__(
         self,
@@ -92,7 +98,7 @@ class ClassQueues:
             raise ValueError(f"class_mask must be [{num_rows}, {self.num_classes}], got {tuple(class_mask.shape)}")
         if num_rows == 0:
             return
-        mask_cn = class_mask.t().to(torch.bool)  # [C, N]: pairs in class-major order
+        mask_cn = class_mask.t().to(torch.bool) & finite_rows(features)  # [C, N]: pairs in class-major order
         if self.compaction == "exact" and host_path(features.device):
             with cpu_single_thread(features.device):  # ~2 x C row copies: see cpu_single_thread
                 self._push_exact(features, mask_cn)
@@ -198,7 +204,7 @@ class ClassQueues:
             self._layout[key] = (torch.tensor(budgets, device=device), torch.cat(
                 [torch.arange(min(b, b_max)) + c * b_max for c, b in enumerate(budgets)]).to(device))
         budgets, blocks = self._layout[key]
-        mask_cn = class_mask.t().to(torch.bool)
+        mask_cn = class_mask.t().to(torch.bool) & finite_rows(features)
         # a random key in [0, 1) per negative, 2 elsewhere: the b smallest keys of a class are a uniform draw of
         # min(b, count) of its negatives
         keys = torch.rand(mask_cn.shape, device=device).masked_fill_(~mask_cn, 2.0)
