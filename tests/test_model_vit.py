@@ -152,3 +152,21 @@ def test_two_ranks_train_a_vit(demo_shards, tmp_path, engine):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["world_size"] == 2 and summary["backend"] == engine
     assert summary["queue_digests"][0] == summary["queue_digests"][1]  # the all-gathered queues agree
+
+
+def test_hub_weights_unreachable_name_the_model_and_the_local_file_option(tmp_path):
+    """Offline (the hub client's real offline mode, an empty cache): the error names the backbone and
+    model.pretrained_path, instead of the hub client's generic message."""
+    import subprocess
+    import sys
+
+    code = ("from u2pl_scale.config import load_config\nfrom u2pl_scale.model import build_model\n"
+            "cfg = load_config('configs/demo_vit.yaml', ['model.pretrained=true', \"model.pretrained_path=\"])\n"
+            "build_model(cfg.model, cfg.data.num_classes)\n")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0
+    backbone = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vit.yaml").model.backbone
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: model.backbone=" + backbone) and "model.pretrained_path=" in last, last

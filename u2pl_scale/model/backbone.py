@@ -54,7 +54,16 @@ def create_checked(name: str, pretrained: bool, pretrained_path: str, allow_part
     pretrained_path, either load checked to be complete (allow_partial_load: a warning instead of an error)."""
     use_hub = pretrained and not pretrained_path
     with _timm_load_report(use_hub) as report:
-        model = timm.create_model(name, pretrained=use_hub, **create_kwargs)
+        try:
+            model = timm.create_model(name, pretrained=use_hub, **create_kwargs)
+        except (OSError, RuntimeError) as error:  # the hub's errors (offline, no cache, unknown tag) derive from these
+            if not use_hub:
+                raise
+            raise RuntimeError(
+                f"model.backbone={name}: its pretrained weights could not be fetched from the timm hub (no network, "
+                f"or not cached): {type(error).__name__}: {error}. Download them where there is a network and pass the "
+                f"file as model.pretrained_path=<.safetensors/.pth>, or train from scratch with model.pretrained=false"
+            ) from error
     if use_hub:
         _check_hub_load(name, report, allow_partial_load)
     if pretrained and pretrained_path:
