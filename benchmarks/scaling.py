@@ -101,7 +101,7 @@ def collectives(cfg: Config, world: int, shapes: dict, gpu: bool) -> list[Op]:
     ops, c = [], cfg.method.contrastive
     if cfg.method.name == "u2pl" and c.enabled:
         pixels = (cfg.data.batch_size_labeled + cfg.data.batch_size_unlabeled) * shapes["rep_pixels"]
-        budgets = [math.ceil(cap / world) for cap in queue_capacities(cfg)]
+        budgets = [math.ceil(math.ceil(c.exchange_fraction * cap) / world) for cap in queue_capacities(cfg)]
         block = max(1, min(max(budgets), pixels))  # fixed-size blocks: at most the pixels a rank has
         rows = sum(min(b, block) for b in budgets)
         wire = c.queue_dtype if cfg.data.num_classes < EXACT_UP_TO[c.queue_dtype] else "float32"

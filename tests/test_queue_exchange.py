@@ -29,11 +29,11 @@ def rank_inputs(rank: int):
     return features, mask
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, fraction: float = 1.0) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(1000 + rank)  # each rank its own draw
-        queues = ClassQueues(3, DIM, CAPACITIES)
+        queues = ClassQueues(3, DIM, CAPACITIES, exchange_fraction=fraction)
         features, mask = rank_inputs(rank)
         sent = queues.pack(features, mask, world)
         queues.push_distributed(features, mask)
@@ -49,8 +49,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(world: int, tmp_path) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+def run(world: int, tmp_path, fraction: float = 1.0) -> list[dict]:
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), fraction), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -87,3 +87,21 @@ def test_bytes_per_step_do_not_grow_with_the_world(tmp_path):
         assert {r["sent_bytes"] for r in results} == {results[0]["sent_bytes"]}  # a fixed-size collective
         gathered[world] = world * results[0]["sent_bytes"]
     assert gathered[2] == gathered[4] == (6 + 4 + 16) * (DIM + 1) * 4 * 2
+
+
+def test_an_exchange_fraction_budgets_the_cluster_per_step(tmp_path):
+    """method.contrastive.exchange_fraction = 0.5 at W = 2: ceil(ceil(0.5 x [12, 8, 32]) / 2) = [3, 2, 8] rows per
+    rank, (3 + 2 + 8) x 4 x 4 B = 208 B sent; one push leaves 6 / 4 rows in classes 0 / 1 (half from each rank) and all
+    4 negatives of class 2 (fewer than its budget). One process with the same fraction keeps the same counts."""
+    results = run(2, tmp_path, fraction=0.5)
+    assert [r["sent_bytes"] for r in results] == [208, 208]
+    queues = ClassQueues(3, DIM, CAPACITIES)
+    queues.load_state_dict(results[0]["state"])
+    held = [queues.class_features(c) for c in range(3)]
+    assert [h.shape[0] for h in held] == [6, 4, 4]
+    assert torch.bincount(held[0][:, 0].long()).tolist() == [3, 3]
+    alone = ClassQueues(3, DIM, CAPACITIES, exchange_fraction=0.5)
+    alone.push_distributed(*rank_inputs(0))  # no process group: the local budget ceil(0.5 x capacity_c)
+    assert [alone.class_features(c).shape[0] for c in range(3)] == [6, 4, 2]
+    with pytest.raises(ValueError, match="exchange_fraction"):
+        ClassQueues(3, DIM, CAPACITIES, exchange_fraction=0.0)

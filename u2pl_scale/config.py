@@ -115,6 +115,10 @@ class ContrastiveConfig:
     # Per-class capacity overrides {class_index: capacity}; VOC uses {0: 50000}.
     queue_size_per_class: dict = field(default_factory=lambda: {0: 50000})
     queue_dtype: str = "float32"
+    # the rows per class the cluster adds to the queues per step, as a fraction of each class's capacity (1.0: a
+    # whole queue's worth, what the published push keeps when a step has that many negatives); below 1 the queues
+    # span ~1/f steps and the all-gather moves f times the bytes (method/queues.py, benchmarks/scaling.py)
+    exchange_fraction: float = 1.0
 
 
 @dataclass
@@ -400,6 +404,8 @@ def validate(cfg: Config) -> Config:
                           f"{c.low_rank}/{c.high_rank}")
     if c.temperature <= 0:
         raise ConfigError(f"method.contrastive.temperature: must be > 0, got {c.temperature}")
+    if not 0.0 < c.exchange_fraction <= 1.0:
+        raise ConfigError(f"method.contrastive.exchange_fraction: must be in (0, 1], got {c.exchange_fraction}")
     for k, v in c.queue_size_per_class.items():
         if not isinstance(k, int) or not (0 <= k < d.num_classes) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"method.contrastive.queue_size_per_class: bad entry {k!r}: {v!r} "

@@ -166,7 +166,8 @@ def train(cfg: Config, hooks: TrainHooks | None = None) -> dict:
         teacher.compile()
     queues = ClassQueues(cfg.data.num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device,
                          dtype=DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
-                             cfg.method.contrastive.queue_dtype]])
+                             cfg.method.contrastive.queue_dtype]],
+                         exchange_fraction=cfg.method.contrastive.exchange_fraction)
     sc = StepConfig.from_config(cfg)
     autocast_ctx = lambda: autocast(cfg.train.precision, device)  # noqa: E731
     generator = None  # the global (per-rank seeded, checkpointed) RNG drives CutMix and sampling

@@ -25,10 +25,14 @@ rank order, so every rank ends with identical queues, holding every rank's negat
 push gathers every pixel of every rank and keeps the newest capacity_c rows in rank order: with more negatives
 than the capacity in one step (VOC shapes on 4 GPUs: 133k pixels per rank against 30k rows) its queues hold the
 last ranks' last pixels only. Where no rank has more than b_c negatives of a class, both pushes are the same.
+`method.contrastive.exchange_fraction` f < 1 budgets ceil(f x capacity_c) rows per class per step for the whole
+cluster (b_c = ceil of that / W; at W = 1 too): the queues then hold the newest ~1/f steps' negatives instead of the
+newest step's, and the exchange moves f times the bytes (benchmarks/scaling.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -57,6 +61,7 @@ class ClassQueues:
         capacities: Union[int, Sequence[int]],
         device: Optional[Union[str, torch.device]] = None,
         dtype: torch.dtype = torch.float32,
+        exchange_fraction: float = 1.0,
     ):
         if isinstance(capacities, int):
             capacities = [capacities] * num_classes
@@ -67,6 +72,9 @@ class ClassQueues:
         self.dim = dim
         self.dtype = dtype
         self.capacity_list = capacities
+        if not 0.0 < exchange_fraction <= 1.0:
+            raise ValueError(f"ClassQueues: exchange_fraction must be in (0, 1], got {exchange_fraction}")
+        self.exchange_fraction = float(exchange_fraction)
         self.total_capacity = sum(capacities)
         self.scratch_row = self.total_capacity
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -179,14 +187,17 @@ class ClassQueues:
         """
         world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         if world_size == 1:
-            self.push(features, class_mask, max_pairs=max_pairs)
+            if self.exchange_fraction < 1.0:  # the same budget as a cluster's, without the collective
+                self.push_packed(self.pack(features, class_mask, 1), max_pairs=max_pairs)
+            else:
+                self.push(features, class_mask, max_pairs=max_pairs)
             return
         everything = all_gather_cat(self.pack(features, class_mask, world_size), group=group)  # rank order
         self.push_packed(everything, max_pairs=max_pairs)
 
     def budgets(self, world_size: int) -> list[int]:
-        """Rows per class each rank sends: ceil(capacity_c / W)."""
-        return [-(-c // world_size) for c in self.capacity_list]
+        """Rows per class each rank sends: ceil(ceil(exchange_fraction x capacity_c) / W)."""
+        return [-(-math.ceil(self.exchange_fraction * c) // world_size) for c in self.capacity_list]
 
     @torch.no_grad()
     def pack(self, features: torch.Tensor, class_mask: torch.Tensor, world_size: Optional[int] = None
