@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -171,6 +173,36 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistIn
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank, world, local_rank, backend, device, source)
+
+
+def node_rank() -> int:
+    """This process's node index as its launcher numbers nodes: Ray Train's node rank, torchrun's GROUP_RANK,
+    NODE_RANK, Slurm's SLURM_NODEID; 0 when none says."""
+    if "ray" in sys.modules:
+        try:
+            import ray.train
+
+            return int(ray.train.get_context().get_node_rank())
+        except Exception:  # not inside a Ray Train worker
+            pass
+    for name in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def write_rank_record(run_dir, info: DistInfo) -> None:
+    """{run_dir}/ranks/rank{R}.json: the host this rank runs on and the rank variables it was given, to check the
+    placement of a multi-node run (rewritten at every start, so a restarted run shows where it runs now)."""
+    from .atomic import write_json_atomic
+
+    folder = os.path.join(str(run_dir), "ranks")
+    os.makedirs(folder, exist_ok=True)
+    record = {"hostname": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "RANK": info.rank,
+              "LOCAL_RANK": info.local_rank, "NODE_RANK": node_rank(), "WORLD_SIZE": info.world_size,
+              "MASTER_ADDR": os.environ.get("MASTER_ADDR"), "MASTER_PORT": os.environ.get("MASTER_PORT"),
+              "source": info.source, "backend": info.backend}
+    write_json_atomic(os.path.join(folder, f"rank{info.rank}.json"), record)
 
 
 def is_dist() -> bool:
