@@ -7,8 +7,9 @@ Not measured: model forwards, the upsampling of logits, the supervised loss.
 
 Inputs are fixed random tensors at the published shapes, features channels-last (as the engine runs), queues
 pre-filled to capacity. Usage:
-    python benchmarks/method_overhead.py [--shape voc|cityscapes] [--device cpu|cuda] [--threads 2]
-                                         [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16] [--compile [MODE]]
+    python benchmarks/method_overhead.py [--shape voc|cityscapes|voc_vit|cityscapes_vit] [--device cpu|cuda]
+                                         [--threads 2] [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16]
+                                         [--compile [MODE]]
     python benchmarks/method_overhead.py --count-ops [--shape voc]   # the device path's ops per step
     python benchmarks/method_overhead.py --host-cost   # the device path's host time per step (tiny shapes, CPU)
     python benchmarks/method_overhead.py --stages [--shape voc]   # the eager step's parts, each timed
@@ -64,6 +65,9 @@ SHAPES = {
     # name: (labeled, unlabeled, crop, feature size, classes, capacities)
     "voc": (2, 2, 513, 129, 21, [50000] + [30000] * 20),
     "cityscapes": (2, 2, 769, 193, 19, [30000] * 19),
+    # the ViT configs' crops (patch 14: 518 VOC, 798 Cityscapes); their decoders give ceil(crop / 4) features
+    "voc_vit": (2, 2, 518, 130, 21, [50000] + [30000] * 20),
+    "cityscapes_vit": (2, 2, 798, 200, 19, [30000] * 19),
 }
 # --host-cost: VOC's classes and batch with every size small, so that each op's kernel costs next to nothing and
 # what is timed is the host's work per op (dispatch, autograd, Python). Feature dim, anchors and negatives:
