@@ -30,7 +30,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from u2pl_scale.data import datasets  # noqa: E402
 from u2pl_scale.data.demo import build_demo  # noqa: E402
-from u2pl_scale.data.writer import SPLITS, ShardWriteError, inspect_shards, parse_size  # noqa: E402
+from u2pl_scale.data.inspect_shards import inspect_shards  # noqa: E402
+from u2pl_scale.data.shard_format import SPLITS  # noqa: E402
+from u2pl_scale.data.writer import ShardWriteError, parse_size  # noqa: E402
 
 
 def _summarise(manifests: dict[str, dict], out_root: Path) -> None:

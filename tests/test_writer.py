@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2pl_scale.data.writer import (ShardSetWriter, ShardWriteError, encode_sample, inspect_shards, parse_size,
-                                    write_split)
+from u2pl_scale.data.inspect_shards import inspect_shards
+from u2pl_scale.data.writer import ShardSetWriter, ShardWriteError, encode_sample, parse_size, write_split
 
 
 def _random_sample(rng: np.random.Generator, key: str, height: int = 12, width: int = 10, num_classes: int = 4):

@@ -3,21 +3,25 @@
 Each reader turns a dataset on disk into a DatasetSource: per split, a sorted list of (key, payload) records,
 plus one picklable loader that turns a record into a validated EncodedSample in an encoding process.
 build_dataset writes the requested splits as shard sets (see writer.py). Label conversion happens here, so
-every shard holds train ids in [0, num_classes) or 255 = ignore.
+every shard holds train ids in [0, num_classes) or 255 = ignore. What the readers share is in dataset_base, the
+COCO reader in dataset_coco; both are re-exported here, the one module callers import.
 """
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
 
-from u2pl_scale.data.writer import IGNORE_INDEX, SPLITS, EncodedSample, ShardWriteError, encode_sample, write_split
+# The shared parts and the COCO reader are re-exported: callers use this module for every reader.
+from u2pl_scale.data.dataset_base import (DatasetError, DatasetSource, FileSampleLoader, Record,  # noqa: F401
+                                          build_dataset, check_disjoint, check_files_exist, read_id_list,
+                                          read_index_mask)
+from u2pl_scale.data.dataset_coco import (COCO_NUM_CLASSES, coco_source, decode_coco_rle,  # noqa: F401
+                                          rasterize_polygon, read_coco_semantic_mask)
+from u2pl_scale.data.shard_format import IGNORE_INDEX, SPLITS, safe_key
 
 VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -28,105 +32,9 @@ CITYSCAPES_CLASS_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole
 # Official cityscapesScripts mapping from label id to train id; every other label id is ignored.
 CITYSCAPES_LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                                 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-COCO_NUM_CLASSES = 81  # background + the 80 categories of COCO 2017
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
-
-
-class DatasetError(ValueError):
-    """The dataset on disk or a build option is wrong; the message names the file or option."""
-
-
-Record = tuple[str, tuple[str, Any]]  # (key, (image path, mask source or None))
-
-
-@dataclass
-class DatasetSource:
-    """What a reader found: records per split (only the splits asked for) and how to load them."""
-
-    name: str
-    num_classes: int
-    class_names: Optional[list[str]]
-    loader: Callable[[str, Any], EncodedSample]
-    splits: dict[str, list[Record]] = field(default_factory=dict)
-
-
-def read_id_list(path: Union[str, Path], strip_suffixes: Sequence[str] = (), strip_extension: bool = True
-                 ) -> list[str]:
-    """Ids from a split file. A line is an id, a file name or "image_path mask_path"; the id is the first
-    token's base name without extension (or without the first of strip_suffixes it ends with).
-    Blank and # lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"split file {path} does not exist")
-    ids = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name = line.split()[0].replace("\\", "/").rsplit("/", 1)[-1]
-        for suffix in strip_suffixes:
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        else:
-            if strip_extension and "." in name:
-                name = name.rsplit(".", 1)[0]
-        ids.append(name)
-    duplicates = sorted(name for name, count in Counter(ids).items() if count > 1)
-    if duplicates:
-        raise DatasetError(f"split file {path} lists ids more than once: {duplicates[:10]}")
-    return ids
-
-
-def read_index_mask(path: Union[str, Path]) -> np.ndarray:
-    """Class-index mask from a PNG/BMP/TIFF: palette images give palette indices (VOC), gray images their values.
-    Colour RGB masks are refused unless all channels are equal, because their colours would need a palette."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mask = np.array(image)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ShardWriteError(f"mask {path}: cannot decode: {error}") from error
-    if mask.ndim == 3:
-        if mask.shape[2] in (3, 4) and (mask[..., :3] == mask[..., :1]).all():
-            return mask[..., 0]
-        raise DatasetError(f"mask {path} is a colour image ({mask.shape[2]} channels): save masks as single-channel "
-                           "class-index PNGs (palette or gray), one value per class")
-    if mask.dtype == bool:
-        raise DatasetError(f"mask {path} is a 1-bit image: its values are 0/1 booleans; save it as 8-bit class ids")
-    return mask
-
-
-def _check_files_exist(paths: Iterable[Path], what: str) -> None:
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DatasetError(f"{len(missing)} {what} missing, e.g. {missing[:5]}")
-
-
-def _check_disjoint(first: Iterable[str], second: Iterable[str], what: str) -> None:
-    overlap = sorted(set(first) & set(second))
-    if overlap:
-        raise DatasetError(f"{what}: {len(overlap)} ids are in both, e.g. {overlap[:5]}")
-
-
-@dataclass(frozen=True)
-class FileSampleLoader:
-    """Loader for write_split: payload = (image path, mask source or None); read_mask turns the source into
-    a mask of train ids. Image files are stored as they are when they are RGB JPEG/PNG."""
-
-    num_classes: int
-    read_mask: Callable[[Any], np.ndarray] = read_index_mask
-
-    def __call__(self, key: str, payload: tuple[str, Any]) -> EncodedSample:
-        image_path, mask_source = payload
-        try:
-            image_bytes = Path(image_path).read_bytes()
-        except OSError as error:
-            raise ShardWriteError(f"sample {key!r}: cannot read image {image_path}: {error}") from error
-        mask = None if mask_source is None else self.read_mask(mask_source)
-        return encode_sample(key, image_bytes, mask, num_classes=self.num_classes, source=str(image_path))
+# Input files the folder reader picks up; the writer converts them (shard members: shard_format.IMAGE_EXTENSIONS).
+SOURCE_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+SOURCE_MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------- Pascal VOC 2012
@@ -148,11 +56,11 @@ def voc_source(root: Union[str, Path], split_file: Optional[Union[str, Path]], a
         if split_file is None:
             raise DatasetError("VOC needs --split-file: the ids of the labeled images")
         labeled_ids = read_id_list(split_file)
-        _check_disjoint(labeled_ids, val_ids, f"labeled split {split_file} and {sets / 'val.txt'}")
+        check_disjoint(labeled_ids, val_ids, f"labeled split {split_file} and {sets / 'val.txt'}")
     source = DatasetSource("voc", len(VOC_CLASS_NAMES), VOC_CLASS_NAMES, FileSampleLoader(len(VOC_CLASS_NAMES)))
     if "labeled" in splits:
         mask_paths = [aug / f"{i}.png" if (aug / f"{i}.png").is_file() else fine / f"{i}.png" for i in labeled_ids]
-        _check_files_exist(mask_paths, f"labeled masks (looked in {aug} and {fine})")
+        check_files_exist(mask_paths, f"labeled masks (looked in {aug} and {fine})")
         source.splits["labeled"] = [(i, (str(images / f"{i}.jpg"), str(m))) for i, m in zip(labeled_ids, mask_paths)]
     if "unlabeled" in splits:
         train_aug = sets / "train_aug.txt"
@@ -166,10 +74,10 @@ def voc_source(root: Union[str, Path], split_file: Optional[Union[str, Path]], a
         excluded = set(labeled_ids) | set(val_ids)
         source.splits["unlabeled"] = [(i, (str(images / f"{i}.jpg"), None)) for i in train_ids if i not in excluded]
     if "val" in splits:
-        _check_files_exist([fine / f"{i}.png" for i in val_ids], f"val masks in {fine}")
+        check_files_exist([fine / f"{i}.png" for i in val_ids], f"val masks in {fine}")
         source.splits["val"] = [(i, (str(images / f"{i}.jpg"), str(fine / f"{i}.png"))) for i in val_ids]
     for records in source.splits.values():
-        _check_files_exist([Path(payload[0]) for _, payload in records], f"images in {images}")
+        check_files_exist([Path(payload[0]) for _, payload in records], f"images in {images}")
     return source
 
 
@@ -207,7 +115,7 @@ def cityscapes_source(root: Union[str, Path], split_file: Optional[Union[str, Pa
         return root / "gtFine" / subset / image_id.split("_")[0] / f"{image_id}_gtFine_labelIds.png"
 
     def labeled_records(subset: str, ids: Sequence[str], images: dict[str, Path]) -> list[Record]:
-        _check_files_exist([mask_of(subset, i) for i in ids], f"gtFine/{subset} label id masks")
+        check_files_exist([mask_of(subset, i) for i in ids], f"gtFine/{subset} label id masks")
         return [(i, (str(images[i]), str(mask_of(subset, i)))) for i in ids]
 
     if {"labeled", "unlabeled"} & set(splits):
@@ -225,184 +133,6 @@ def cityscapes_source(root: Union[str, Path], split_file: Optional[Union[str, Pa
     if "val" in splits:
         val = images_of("val")
         source.splits["val"] = labeled_records("val", sorted(val), val)
-    return source
-
-
-# ---------------------------------------------------------------- COCO 2017
-
-
-def decode_coco_rle(counts: Union[str, bytes, Sequence[int]], height: int, width: int) -> np.ndarray:
-    """Binary HxW mask from COCO RLE: counts as a list (uncompressed) or the compressed string of pycocotools.
-    Runs alternate 0/1 starting with 0, in column-major order."""
-    if isinstance(counts, (str, bytes)):
-        counts = _rle_string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
-    runs = np.asarray(counts, dtype=np.int64)
-    if runs.sum() != height * width or (runs < 0).any():
-        raise DatasetError(f"RLE runs sum to {runs.sum()}, expected {height}x{width}={height * width}")
-    values = np.arange(len(runs)) % 2
-    return np.repeat(values.astype(bool), runs).reshape(width, height).T
-
-
-def _rle_string_to_counts(text: str) -> list[int]:
-    """pycocotools' compressed RLE: 5 bits per char (offset 48, bit 0x20 = more), runs after the second are
-    stored as differences to the run two places back."""
-    counts: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            char = ord(text[position]) - 48
-            value |= (char & 0x1F) << (5 * shift)
-            more = bool(char & 0x20)
-            position += 1
-            shift += 1
-            if not more and char & 0x10:
-                value |= -1 << (5 * shift)  # sign extension
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def rasterize_polygon(xy: Sequence[float], height: int, width: int) -> np.ndarray:
-    """Fill a polygon [x0, y0, x1, y1, ...] (even-odd rule): a pixel is inside when its centre is.
-
-    Pixel (row r, column c) spans [c, c+1) x [r, r+1), as in COCO, so the square with corners (2, 2) and (6, 6)
-    covers columns and rows 2..5 (16 pixels, its area), like pycocotools. PIL's ImageDraw.polygon also fills
-    the boundary pixels (25 here), which inflates every object by a pixel on two sides.
-    """
-    points = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    mask = np.zeros((height, width), dtype=bool)
-    if len(points) < 3:
-        return mask
-    x0, y0 = points[:, 0], points[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    first_row = max(0, int(np.floor(y0.min() - 0.5)))
-    last_row = min(height - 1, int(np.ceil(y0.max() - 0.5)))
-    if last_row < first_row:
-        return mask
-    centre_y = np.arange(first_row, last_row + 1, dtype=np.float64)[:, None] + 0.5
-    crossing = (y0 <= centre_y) != (y1 <= centre_y)  # rows x edges; half-open, so a vertex counts once
-    rows, edges = np.nonzero(crossing)
-    crossing_x = x0[edges] + (centre_y[rows, 0] - y0[edges]) * (x1[edges] - x0[edges]) / (y1[edges] - y0[edges])
-    # Pixel c is inside when an odd number of crossings lie at x <= c + 0.5, i.e. at columns ceil(x - 0.5) <= c:
-    # mark each crossing at that column and take the running parity along the row.
-    columns = np.clip(np.ceil(crossing_x - 0.5), 0, width).astype(np.int64)
-    toggles = np.zeros((last_row - first_row + 1, width + 1), dtype=np.int32)
-    np.add.at(toggles, (rows, columns), 1)
-    mask[first_row:last_row + 1] = np.cumsum(toggles[:, :width], axis=1) % 2 == 1
-    return mask
-
-
-def _annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    if isinstance(segmentation, list):  # polygons: union of parts
-        mask = np.zeros((height, width), dtype=bool)
-        for polygon in segmentation:
-            mask |= rasterize_polygon(polygon, height, width)
-        return mask
-    rle_height, rle_width = segmentation["size"]
-    if (rle_height, rle_width) != (height, width):
-        raise DatasetError(f"RLE size {segmentation['size']} differs from the image size {[height, width]}")
-    return decode_coco_rle(segmentation["counts"], height, width)
-
-
-def read_coco_semantic_mask(annotation_info: tuple[str, int, int, tuple]) -> np.ndarray:
-    """Semantic mask from (image file, height, width, ((class id, iscrowd, area, segmentation), ...)).
-
-    Larger objects are drawn first so smaller ones on top stay visible; crowd regions become 255 where no
-    single object covers them."""
-    image_file, height, width, annotations = annotation_info
-    mask = np.zeros((height, width), dtype=np.uint8)
-    crowd = np.zeros((height, width), dtype=bool)
-    try:
-        for class_id, iscrowd, _, segmentation in sorted(annotations, key=lambda a: -a[2]):
-            region = _annotation_mask(segmentation, height, width)
-            if iscrowd:
-                crowd |= region
-            else:
-                mask[region] = class_id
-    except (DatasetError, KeyError, TypeError, ValueError) as error:
-        raise DatasetError(f"{image_file}: bad annotation: {error}") from error
-    mask[crowd & (mask == 0)] = IGNORE_INDEX
-    return mask
-
-
-def _load_coco_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"{path} not found: --root must hold annotations/instances_{{train,val}}2017.json")
-    with open(path) as file:
-        return json.load(file)
-
-
-def coco_source(root: Union[str, Path], split_file: Optional[Union[str, Path]] = None,
-                unlabeled_dir: Optional[str] = None, splits: Sequence[str] = SPLITS) -> DatasetSource:
-    """COCO 2017 instances as 81-class semantic masks (0 background, category ids -> 1..80 in sorted id order).
-
-    labeled = the train2017 images named in split_file (all of train2017 without one); unlabeled = the rest of
-    train2017 plus every image of unlabeled_dir (a path, or relative to root: unlabeled2017); val = val2017."""
-    root = Path(root)
-    # Load only the annotation files the requested splits need: the train file alone is about 450 MB.
-    instances = {subset: _load_coco_json(root / "annotations" / f"instances_{subset}2017.json")
-                 for subset in ("train", "val")
-                 if (subset == "val" and "val" in splits)
-                 or (subset == "train" and ("labeled" in splits or ("unlabeled" in splits and split_file)))}
-    category_lists = {subset: sorted((c["id"], c["name"]) for c in data["categories"])
-                      for subset, data in instances.items()}
-    if len({tuple(c) for c in category_lists.values()}) > 1:
-        raise DatasetError("instances_train2017.json and instances_val2017.json list different categories")
-    categories = next(iter(category_lists.values()), None)
-    if categories is None:  # unlabeled images only: the class list comes from no file
-        class_names, class_of = None, {}
-    else:
-        class_names = ["background"] + [name for _, name in categories]
-        class_of = {category_id: index + 1 for index, (category_id, _) in enumerate(categories)}
-    num_classes = len(class_names) if class_names else COCO_NUM_CLASSES
-    source = DatasetSource("coco", num_classes, class_names, FileSampleLoader(num_classes, read_coco_semantic_mask))
-
-    def labeled_records(subset: str, wanted: Optional[list[str]]) -> list[Record]:
-        data = instances[subset]
-        annotations: dict[int, list] = {}
-        for annotation in data["annotations"]:
-            annotations.setdefault(annotation["image_id"], []).append(
-                (class_of[annotation["category_id"]], int(annotation.get("iscrowd", 0)),
-                 float(annotation.get("area", 0.0)), annotation["segmentation"]))
-        by_name = {}
-        for image in data["images"]:
-            by_name[Path(image["file_name"]).stem] = image
-            by_name[str(image["id"])] = image  # split files may list numeric image ids
-        if wanted is not None:
-            unknown = [name for name in wanted if name not in by_name]
-            if unknown:
-                raise DatasetError(f"{len(unknown)} ids of {split_file} are not in {subset}2017, e.g. {unknown[:5]}")
-        chosen = [by_name[name] for name in wanted] if wanted is not None else data["images"]
-        records = []
-        for image in chosen:
-            path = root / f"{subset}2017" / image["file_name"]
-            info = (str(path), image["height"], image["width"], tuple(annotations.get(image["id"], ())))
-            records.append((Path(image["file_name"]).stem, (str(path), info)))
-        _check_files_exist([Path(payload[0]) for _, payload in records], f"images in {root / f'{subset}2017'}")
-        return records
-
-    wanted = read_id_list(split_file) if split_file is not None else None
-    if "labeled" in splits:
-        source.splits["labeled"] = labeled_records("train", wanted)
-    if "unlabeled" in splits:
-        unlabeled: list[Record] = []
-        if wanted is not None:
-            wanted_names = set(wanted)
-            labeled_stems = {Path(image["file_name"]).stem for image in instances["train"]["images"]
-                             if Path(image["file_name"]).stem in wanted_names or str(image["id"]) in wanted_names}
-            unlabeled += [(p.stem, (str(p), None)) for p in sorted((root / "train2017").glob("*.jpg"))
-                          if p.stem not in labeled_stems]
-        if unlabeled_dir is not None:
-            # Accept the folder as given (coco/unlabeled2017) or relative to the root (unlabeled2017).
-            folder = Path(unlabeled_dir) if Path(unlabeled_dir).is_dir() else root / unlabeled_dir
-            if not folder.is_dir():
-                raise DatasetError(f"--unlabeled-dir: neither {unlabeled_dir} nor {folder} is a directory")
-            unlabeled += [(p.stem, (str(p), None)) for p in sorted(folder.glob("*.jpg"))]
-        source.splits["unlabeled"] = unlabeled
-    if "val" in splits:
-        source.splits["val"] = labeled_records("val", None)
     return source
 
 
@@ -471,7 +201,7 @@ def _safe_keys(stems: Iterable[str]) -> dict[str, str]:
     keys: dict[str, str] = {}
     stem_of_key: dict[str, str] = {}
     for stem in stems:
-        key = _UNSAFE_KEY_CHARS.sub("_", stem)
+        key = safe_key(stem)
         if key in stem_of_key and stem_of_key[key] != stem:
             raise DatasetError(f"file stems {stem_of_key[key]!r} and {stem!r} both become shard key {key!r}")
         keys[stem], stem_of_key[key] = key, stem
@@ -501,7 +231,7 @@ def folder_source(images: Union[str, Path], masks: Optional[Union[str, Path]], n
         raise DatasetError(f"{len(class_names)} class names given for --num-classes {num_classes}")
     reader = FolderMaskReader(ignore_index, tuple(sorted(label_map.items())))
     source = DatasetSource(name, num_classes, class_names, FileSampleLoader(num_classes, reader))
-    image_files = _index_files(Path(images), IMAGE_EXTENSIONS, "images")
+    image_files = _index_files(Path(images), SOURCE_IMAGE_EXTENSIONS, "images")
     lists = {"labeled": labeled_list, "unlabeled": unlabeled_list, "val": val_list}
     # Folder stems may hold dots ("img.001"), so a list entry is a stem, or a file name whose stem is one.
     def stem_of(entry: str) -> str:
@@ -511,11 +241,11 @@ def folder_source(images: Union[str, Path], masks: Optional[Union[str, Path]], n
            for split in splits if lists[split] is not None}
     for first, second in (("labeled", "val"), ("labeled", "unlabeled"), ("unlabeled", "val")):
         if first in ids and second in ids:
-            _check_disjoint(ids[first], ids[second], f"{first} list and {second} list")
+            check_disjoint(ids[first], ids[second], f"{first} list and {second} list")
     if {"labeled", "val"} & set(ids):
         if masks is None:
             raise DatasetError("--masks is needed for the labeled and val lists")
-        mask_files = _index_files(Path(masks), MASK_EXTENSIONS, "masks")
+        mask_files = _index_files(Path(masks), SOURCE_MASK_EXTENSIONS, "masks")
     for split, stems in ids.items():
         missing = [s for s in stems if s not in image_files]
         if missing:
@@ -531,28 +261,9 @@ def folder_source(images: Union[str, Path], masks: Optional[Union[str, Path]], n
                                f"e.g. {missing[:5]}")
         source.splits[split] = [(keys[s], (str(image_files[s]), str(mask_files[s]))) for s in stems]
     if unlabeled_dir is not None and "unlabeled" in splits:
-        files = _index_files(Path(unlabeled_dir), IMAGE_EXTENSIONS, "unlabeled images")
+        files = _index_files(Path(unlabeled_dir), SOURCE_IMAGE_EXTENSIONS, "unlabeled images")
         keys = _safe_keys(files)
         source.splits["unlabeled"] = [(keys[s], (str(p), None)) for s, p in files.items()]
     if not source.splits:
         raise DatasetError("nothing to build: pass --labeled-list, --unlabeled-list/--unlabeled-dir or --val-list")
     return source
-
-
-# ---------------------------------------------------------------- writing
-
-
-def build_dataset(source: DatasetSource, out_root: Union[str, Path], workers: int = 1,
-                  max_count: Optional[int] = None, max_bytes: Optional[Union[int, str]] = None,
-                  progress: bool = True) -> dict[str, dict]:
-    """Write every split of source to out_root/{split}/ and return the manifests by split."""
-    empty = [split for split, records in source.splits.items() if not records]
-    if empty:
-        raise DatasetError(f"{source.name}: no images for split(s) {empty}; check the split file and options, "
-                           "or leave the split out with --splits")
-    manifests = {}
-    for split, records in source.splits.items():
-        manifests[split] = write_split(Path(out_root) / split, split, source.name, records, source.loader,
-                                       source.num_classes, source.class_names, workers=workers,
-                                       max_count=max_count, max_bytes=max_bytes, progress=progress)
-    return manifests

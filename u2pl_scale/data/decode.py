@@ -1,9 +1,10 @@
 """Safe decoding of WebDataset samples: images and 8-bit masks only, never pickles.
 
-Shard members arrive as raw bytes keyed by extension (`jpg`, `png`, `seg.png`, ...). Only image extensions are
-ever decoded, and only by PIL restricted to JPEG/PNG/WebP/BMP; every other member (`.pyd`, `.pth`, `.npy`,
-`.json`, ...) is ignored unread and counted as an unexpected member. Anything wrong with a sample raises
-`BadSample` naming the reason, the shard URL and the sample key, so the stream can skip-and-count or fail.
+Shard members arrive as raw bytes keyed by extension (`jpg`, `png`, `seg.png`, ...). Only the members that
+`shard_format` names (the image, the mask) are ever decoded, and only by PIL restricted to its PIL_FORMATS; every
+other member (`.pyd`, `.pth`, `.npy`, `.json`, ...) is ignored unread and counted as an unexpected member.
+Anything wrong with a sample raises `BadSample` naming the reason, the shard URL and the sample key, so the
+stream can skip-and-count or fail.
 """
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ from typing import NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
-# Extensions of the RGB image member, in the order they are looked for.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-MASK_EXTENSION = "seg.png"
-# PIL decoders allowed to run; restricting them keeps PIL away from formats that shell out (EPS) or are exotic.
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
-_MASK_MODES = ("L", "P")  # 8-bit single channel; "P" keeps the palette indices as class ids
+# IMAGE_EXTENSIONS stays importable from here, where it was defined before shard_format existed
+from u2pl_scale.data.shard_format import (IMAGE_EXTENSIONS, IMAGE_MODE, MASK_EXTENSION, MASK_MODES,  # noqa: F401
+                                          PIL_FORMATS, image_member, unexpected_members)
 
 # Every reason a sample or shard is skipped, plus ignored members; each batch's "bad" dict carries all of them.
 BAD_REASONS = (
@@ -48,10 +46,12 @@ class DecodedSample(NamedTuple):
     unexpected_members: int  # members that were ignored unread
 
 
-def _open_pil(data: bytes, what: str, url: str, key: str) -> Image.Image:
+def open_pil(data: bytes, what: str, url: str = "", key: str = "") -> Image.Image:
+    """Fully decode image bytes with the shard format's PIL decoders only; BadSample(f"corrupt_{what}") otherwise
+    (undecodable, truncated, another format, or more pixels than PIL's decompression-bomb limit)."""
     reason = f"corrupt_{what}"
     try:
-        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         width, height = img.size
         # Refuse decompression bombs before allocating the pixels.
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
@@ -65,17 +65,18 @@ def _open_pil(data: bytes, what: str, url: str, key: str) -> Image.Image:
 
 
 def decode_image(data: bytes, url: str = "", key: str = "") -> np.ndarray:
-    """Decode JPEG/PNG/WebP/BMP bytes to an RGB uint8 array [H, W, 3]; BadSample("corrupt_image") otherwise."""
-    img = _open_pil(data, "image", url, key)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    """Decode JPEG/PNG/WebP/BMP bytes (shard_format.PIL_FORMATS) to an RGB uint8 array [H, W, 3];
+    BadSample("corrupt_image") otherwise."""
+    img = open_pil(data, "image", url, key)
+    if img.mode != IMAGE_MODE:
+        img = img.convert(IMAGE_MODE)
     return np.asarray(img)
 
 
 def decode_mask(data: bytes, url: str = "", key: str = "") -> np.ndarray:
     """Decode an 8-bit single-channel PNG mask to uint8 [H, W]; BadSample("corrupt_mask") otherwise."""
-    img = _open_pil(data, "mask", url, key)
-    if img.mode not in _MASK_MODES:
+    img = open_pil(data, "mask", url, key)
+    if img.mode not in MASK_MODES:
         raise BadSample("corrupt_mask", url, key, f"mask must be 8-bit single-channel, got PIL mode {img.mode}")
     return np.asarray(img)
 
@@ -101,9 +102,8 @@ def decode_sample(members: dict, url: str, key: str, with_mask: bool, num_classe
     without being decoded. Raises BadSample for a missing or corrupt image/mask, a mask whose size differs from
     the image, or labels out of range.
     """
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-    known = {image_ext, MASK_EXTENSION}
-    unexpected = sum(1 for ext in members if ext not in known)
+    image_ext = image_member(members)
+    unexpected = len(unexpected_members(members))
     if image_ext is None:
         raise BadSample("missing_image", url, key, f"no image member among {sorted(members)}")
     image = decode_image(members[image_ext], url, key)

@@ -30,11 +30,9 @@ from typing import Any, BinaryIO, Optional
 
 import webdataset as wds
 
-logger = logging.getLogger(__name__)
+from u2pl_scale.data.shard_format import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, SPLITS_WITH_MASKS
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "u2pl-shards/1"
-SPLITS_WITH_MASKS = ("labeled", "val")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

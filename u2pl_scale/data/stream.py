@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import re
 import tarfile
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
@@ -34,12 +33,11 @@ from u2pl_scale.data.decode import BAD_REASONS, BadSample, decode_sample
 # resolve_shards, unlabeled_size and read_manifest are re-exported: callers import them from here
 from u2pl_scale.data.remote import (ReadPolicy, check_manifests, open_shard, read_manifest,  # noqa: F401
                                     read_policy, resolve_set, resolve_shards, unlabeled_size)
+from u2pl_scale.data.shard_format import MEMBER_NAME as _MEMBER_NAME  # key up to the first dot
 from u2pl_scale.data.transforms import weak_augment
 
 logger = logging.getLogger(__name__)
 
-# WebDataset naming: the key is the member path up to the first dot of its file name, the rest is the extension.
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _SHUFFLE_STREAM = 1  # distinguishes the shuffle-buffer RNG from the per-sample augmentation RNGs
 
 

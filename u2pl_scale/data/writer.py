@@ -1,9 +1,9 @@
 """Shard writing: validated samples -> size-bounded, deterministic WebDataset tar shards + manifest.json.
 
-On-disk format ("u2pl-shards/1", read by u2pl_scale.data.stream): a shard set is one directory holding
-`{split}-{index:06d}.tar` shards and a `manifest.json` written last. Each sample is `{key}.jpg|png` (RGB) and,
-for labeled/val sets, `{key}.seg.png` (8-bit single-channel mask, values < num_classes or 255 = ignore).
-Unlabeled samples carry no mask at all.
+The on-disk format ("u2pl-shards/1") is defined in u2pl_scale.data.shard_format, which the reader
+(u2pl_scale.data.stream / decode) and the inspector (u2pl_scale.data.inspect_shards) use too. The writer stores
+each image as `{key}.jpg|png` (RGB) and, for labeled/val sets, `{key}.seg.png` (8-bit single-channel mask, values
+< num_classes or 255 = ignore); unlabeled samples carry no mask at all.
 
 Determinism: members are written in sorted key order with fixed tar metadata (mtime 0, uid/gid 0, no user
 names), so the same input gives byte-identical shards whatever the number of encoding workers.
@@ -11,16 +11,14 @@ names), so the same input gives byte-identical shards whatever the number of enc
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import re
 import sys
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -30,18 +28,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from u2pl_scale.atomic import write_json_atomic
+from u2pl_scale.data.shard_format import (FORMAT, IGNORE_INDEX, IMAGE_EXTENSIONS, IMAGE_FORMATS, IMAGE_MODE,
+                                          MANIFEST_NAME, MASK_EXTENSION, SHARD_NAME_GLOB, SPLITS,
+                                          WRITTEN_IMAGE_EXTENSIONS, is_valid_key, member_name, shard_name)
 
-FORMAT = "u2pl-shards/1"
-IGNORE_INDEX = 255
-SPLITS = ("labeled", "unlabeled", "val")
-MASK_SUFFIX = "seg.png"
 TAR_BLOCK = 512
 DEFAULT_MAX_BYTES = 256 * 1000**2  # small enough that a multi-node run gets several shards per rank
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
                "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-# WebDataset splits a member name at the first dot of its base name into key and extension.
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+# PIL format -> extension, for the image files stored byte for byte
+_WRITTEN_EXTENSION = {IMAGE_FORMATS[ext]: ext for ext in WRITTEN_IMAGE_EXTENSIONS}
 
 
 class ShardWriteError(ValueError):
@@ -68,7 +65,7 @@ class EncodedSample:
 
     key: str
     image: bytes
-    image_ext: str  # "jpg" or "png"
+    image_ext: str  # one of shard_format.WRITTEN_IMAGE_EXTENSIONS ("jpg" or "png")
     height: int
     width: int
     mask: Optional[bytes] = None
@@ -100,10 +97,10 @@ def _encode_image(key: str, image: Union[np.ndarray, bytes], source: Optional[st
         with Image.open(io.BytesIO(image)) as decoded:
             decoded.load()  # full decode: a truncated or corrupt file fails here, not in training
             file_format, mode, (width, height) = decoded.format, decoded.mode, decoded.size
-            if file_format in ("JPEG", "PNG") and mode == "RGB":
-                return image, "jpg" if file_format == "JPEG" else "png", height, width
+            if file_format in _WRITTEN_EXTENSION and mode == IMAGE_MODE:
+                return image, _WRITTEN_EXTENSION[file_format], height, width
             # Grayscale, CMYK, palette or other formats: store as RGB so every reader sees 3 channels.
-            rgb = decoded.convert("RGB")
+            rgb = decoded.convert(IMAGE_MODE)
     except (OSError, SyntaxError, ValueError) as error:
         raise ShardWriteError(f"{_describe(key, source)}: cannot decode image: {error}") from error
     buffer = io.BytesIO()
@@ -122,7 +119,7 @@ def encode_sample(key: str, image: Union[np.ndarray, bytes], mask: Optional[np.n
     mask: HxW integer array of class ids (< num_classes) or 255 = ignore; None for unlabeled samples.
     source: a file name for error messages.
     """
-    if not _KEY_PATTERN.match(key):
+    if not is_valid_key(key):
         raise ShardWriteError(f"{_describe(key, source)}: key must use only letters, digits, '_', '-' "
                               "(a '.' would split the WebDataset key)")
     image_bytes, ext, height, width = _encode_image(key, image, source)
@@ -214,7 +211,7 @@ class ShardSetWriter:
             None if max_count is not None else DEFAULT_MAX_BYTES)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # An old manifest would describe shards that are about to be overwritten.
-        (self.out_dir / "manifest.json").unlink(missing_ok=True)
+        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         self._shards: list[dict] = []
         self._keys: set[str] = set()
         self._histogram = np.zeros(num_classes or 0, dtype=np.int64)
@@ -230,7 +227,7 @@ class ShardSetWriter:
         return len(self._keys)
 
     def _shard_name(self, index: int) -> str:
-        return f"{self.split}-{index:06d}.tar"
+        return shard_name(self.split, index)
 
     def _open_shard(self) -> None:
         name = self._shard_name(len(self._shards))
@@ -259,9 +256,12 @@ class ShardSetWriter:
         if self.has_masks and len(sample.class_histogram) != self.num_classes:
             raise ShardWriteError(f"sample {sample.key!r}: encoded for {len(sample.class_histogram)} classes, "
                                   f"split has {self.num_classes}")
-        members = [(f"{sample.key}.{sample.image_ext}", sample.image)]
+        if sample.image_ext not in IMAGE_EXTENSIONS:  # the reader would find no image in the sample
+            raise ShardWriteError(f"sample {sample.key!r}: image extension {sample.image_ext!r} is not one of "
+                                  f"{IMAGE_EXTENSIONS}")
+        members = [(member_name(sample.key, sample.image_ext), sample.image)]
         if sample.mask is not None:
-            members.append((f"{sample.key}.{MASK_SUFFIX}", sample.mask))
+            members.append((member_name(sample.key, MASK_EXTENSION), sample.mask))
         sample_bytes = sum(_tar_member_bytes(len(data)) for _, data in members)
         if self._tar is not None and self._shard_count > 0 and (
                 (self.max_count is not None and self._shard_count >= self.max_count)
@@ -287,7 +287,7 @@ class ShardSetWriter:
         if self._tar is not None:
             self._close_shard()
         written = {shard["name"] for shard in self._shards}
-        for stale in self.out_dir.glob(f"{self.split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        for stale in self.out_dir.glob(SHARD_NAME_GLOB.format(split=self.split)):
             if stale.name not in written:
                 stale.unlink()
         manifest = {
@@ -304,7 +304,7 @@ class ShardSetWriter:
         if self.has_masks:
             manifest["class_pixel_histogram"] = self._histogram.tolist()
         manifest["image_size_range"] = {"min": self._min_size, "max": self._max_size}
-        write_json_atomic(self.out_dir / "manifest.json", manifest)
+        write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
         self.manifest = manifest
         return manifest
 
@@ -372,164 +372,3 @@ def write_split(out_dir: Union[str, Path], split: str, dataset: str, records: It
         for sample in encode_samples(records, loader, workers, desc=f"{dataset}/{split}", progress=progress):
             writer.write(sample)
     return writer.manifest
-
-
-# ---------------------------------------------------------------- read-only inspection
-
-IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png")
-
-
-@dataclass
-class SetReport:
-    """What inspect_shards found in one shard set (a directory, or the loose tars of a pattern)."""
-
-    location: str
-    manifest: Optional[dict]
-    shards: int = 0
-    samples: int = 0
-    masks: int = 0
-    min_size: Optional[list[int]] = None
-    max_size: Optional[list[int]] = None
-    histogram: Optional[np.ndarray] = None  # pixels per label value 0..255
-    problems: list[str] = field(default_factory=list)
-
-    def format(self) -> str:
-        lines = [f"{self.location}: {self.samples} samples ({self.masks} with masks) in {self.shards} shard(s)"]
-        if self.manifest is None:
-            lines.append("  no manifest.json (unfinished build or loose tars)")
-        else:
-            lines.append(f"  dataset {self.manifest.get('dataset')!r}, split {self.manifest.get('split')!r}, "
-                         f"num_classes {self.manifest.get('num_classes')}")
-        if self.min_size is not None:
-            lines.append(f"  image size (h, w): min {self.min_size}, max {self.max_size}")
-        if self.histogram is not None and self.masks:
-            names = (self.manifest or {}).get("class_names") or []
-            total = max(1, int(self.histogram.sum()))
-            for value in np.nonzero(self.histogram)[0]:
-                name = "ignore" if value == IGNORE_INDEX else (names[value] if value < len(names) else "")
-                lines.append(f"  label {value:3d} {name:>16s}: {self.histogram[value]:>14d} px "
-                             f"({100 * self.histogram[value] / total:5.2f}%)")
-        lines += [f"  BAD: {problem}" for problem in self.problems] or ["  no problems found"]
-        return "\n".join(lines)
-
-
-@dataclass
-class InspectionReport:
-    sets: list[SetReport]
-
-    @property
-    def problems(self) -> list[str]:
-        return [problem for report in self.sets for problem in report.problems]
-
-    def format(self) -> str:
-        return "\n".join(report.format() for report in self.sets)
-
-
-def _find_shard_sets(target: str) -> list[tuple[str, list[Path], Optional[Path]]]:
-    """(location, tar files, manifest path or None) for a set directory, a directory of sets, a tar or a glob."""
-    path = Path(target)
-    if path.is_dir():
-        manifests = [path / "manifest.json"] if (path / "manifest.json").is_file() else sorted(
-            path.glob("*/manifest.json"))
-        if manifests:
-            return [(str(m.parent), sorted(m.parent.glob("*.tar")), m) for m in manifests]
-        return [(str(path), sorted(path.glob("*.tar")), None)]
-    tars = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(target, recursive=True))
-    if not tars:
-        raise ShardWriteError(f"{target}: no shard set directory, tar file or matching files")
-    return [(target, tars, None)]
-
-
-def _inspect_sample(report: SetReport, where: str, members: dict[str, bytes], num_classes: Optional[int]) -> None:
-    images = [ext for ext in members if ext in IMAGE_MEMBER_EXTENSIONS]
-    others = [ext for ext in members if ext not in IMAGE_MEMBER_EXTENSIONS and ext != MASK_SUFFIX]
-    if others:
-        report.problems.append(f"{where}: non-image members {others} (never unpickled or decoded)")
-    if len(images) != 1:
-        report.problems.append(f"{where}: expected one image member, found {images}")
-        return
-    try:
-        with Image.open(io.BytesIO(members[images[0]])) as image:
-            image.load()
-            size, mode = [image.height, image.width], image.mode
-    except (OSError, SyntaxError, ValueError) as error:
-        report.problems.append(f"{where}.{images[0]}: corrupt image: {error}")
-        return
-    if mode != "RGB":
-        report.problems.append(f"{where}.{images[0]}: image mode {mode}, expected RGB")
-    report.samples += 1
-    report.min_size = size if report.min_size is None else [min(a, b) for a, b in zip(report.min_size, size)]
-    report.max_size = size if report.max_size is None else [max(a, b) for a, b in zip(report.max_size, size)]
-    if MASK_SUFFIX not in members:
-        return
-    try:
-        with Image.open(io.BytesIO(members[MASK_SUFFIX])) as decoded:
-            decoded.load()
-            mask_mode, mask = decoded.mode, np.array(decoded)
-    except (OSError, SyntaxError, ValueError) as error:
-        report.problems.append(f"{where}.{MASK_SUFFIX}: corrupt mask: {error}")
-        return
-    report.masks += 1
-    if mask_mode != "L":
-        report.problems.append(f"{where}.{MASK_SUFFIX}: mask mode {mask_mode}, expected L (8-bit single channel)")
-        return
-    if list(mask.shape) != size:
-        report.problems.append(f"{where}: mask shape {list(mask.shape)} differs from image shape {size}")
-    report.histogram += np.bincount(mask.ravel(), minlength=256)
-    if num_classes is not None:
-        bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE_INDEX)]).tolist()
-        if bad:
-            report.problems.append(f"{where}: labels {bad[:20]} outside [0, {num_classes}) and not 255")
-
-
-def inspect_shards(target: str) -> InspectionReport:
-    """Read shard sets without changing them and report counts, sizes, label histogram and bad samples.
-
-    Members are read as bytes and only decoded with PIL; nothing is ever unpickled. Checks each sample
-    (image decodes as RGB, mask is 8-bit, same size, labels in range), unexpected members, duplicate keys,
-    and, with a manifest, shard checksums, per-shard counts and the recorded class histogram.
-    """
-    reports = []
-    for location, tars, manifest_path in _find_shard_sets(target):
-        manifest = json.loads(manifest_path.read_text()) if manifest_path else None
-        num_classes = manifest.get("num_classes") if manifest else None
-        report = SetReport(location, manifest, histogram=np.zeros(256, dtype=np.int64))
-        listed = {s["name"]: s for s in manifest["shards"]} if manifest else {}
-        for name in sorted(set(listed) - {tar.name for tar in tars}):
-            report.problems.append(f"{name}: listed in manifest.json but missing")
-        seen_keys: set[str] = set()
-        for tar_path in tars:
-            report.shards += 1
-            before = report.samples
-            try:
-                with tarfile.open(tar_path) as tar:
-                    members: dict[str, dict[str, bytes]] = {}
-                    for member in tar:
-                        if not member.isfile():
-                            report.problems.append(f"{tar_path.name}:{member.name}: not a regular file")
-                            continue
-                        key, _, extension = member.name.partition(".")
-                        members.setdefault(key, {})[extension] = tar.extractfile(member).read()
-            except (tarfile.TarError, OSError) as error:
-                report.problems.append(f"{tar_path}: unreadable tar: {error}")
-                continue
-            for key, sample in members.items():
-                if key in seen_keys:
-                    report.problems.append(f"{tar_path.name}:{key}: duplicate key")
-                seen_keys.add(key)
-                _inspect_sample(report, f"{tar_path.name}:{key}", sample, num_classes)
-            entry = listed.get(tar_path.name)
-            if manifest and entry is None:
-                report.problems.append(f"{tar_path.name}: not listed in manifest.json")
-            elif entry is not None:
-                digest = hashlib.sha256(tar_path.read_bytes()).hexdigest()
-                if digest != entry["sha256"]:
-                    report.problems.append(f"{tar_path.name}: sha256 differs from manifest.json")
-                if report.samples - before != entry["num_samples"]:
-                    report.problems.append(f"{tar_path.name}: {report.samples - before} good samples, "
-                                           f"manifest says {entry['num_samples']}")
-        recorded = manifest.get("class_pixel_histogram") if manifest else None
-        if recorded is not None and list(recorded) != report.histogram[:len(recorded)].tolist():
-            report.problems.append("class_pixel_histogram in manifest.json differs from the masks")
-        reports.append(report)
-    return InspectionReport(reports)
