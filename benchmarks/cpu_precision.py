@@ -3,7 +3,7 @@
 Why `train.precision: auto` exists: on a CPU whose oneDNN has no bf16 kernels (x86 with AVX2 only) bf16 is
 emulated and far slower than fp32; with AVX-512 or AMX it is the faster one. Prints, per model, the median
 milliseconds per forward + backward in each precision, their ratio, and what `auto` picks here
-(engine.precision.native_bf16).
+(u2pl_scale/precision.py: native_bf16).
 
     python benchmarks/cpu_precision.py [--threads 2] [--steps 3]
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from u2pl_scale.config import load_config  # noqa: E402
 from u2pl_scale.data.demo_backbone import PretrainSettings  # noqa: E402
-from u2pl_scale.engine.precision import native_bf16, resolve_precision  # noqa: E402
+from u2pl_scale.precision import native_bf16, resolve_precision  # noqa: E402
 from u2pl_scale.model import build_model  # noqa: E402
 
 

@@ -101,7 +101,7 @@ def evaluate_on_test(run_dir: Path, test_set: str) -> dict:
     from u2pl_scale.data.stream import make_val_loader
     from u2pl_scale.data.transforms import normalize
     from u2pl_scale.engine.evaluate import evaluate
-    from u2pl_scale.engine.precision import autocast
+    from u2pl_scale.precision import autocast
     from u2pl_scale.model import build_model
 
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))

@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from u2pl_scale.config import COMPILE_METHOD_MODES, load_config, queue_capacities  # noqa: E402
 from u2pl_scale.data.transforms import normalize  # noqa: E402
 from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
-from u2pl_scale.engine.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
+from u2pl_scale.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
     StepConfig,
     check_method_mode,

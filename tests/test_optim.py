@@ -29,7 +29,7 @@ def test_groups_carry_the_head_multiplier_and_weight_decay(name, cls):
 
 @pytest.mark.parametrize("autotune", [True, False])
 def test_cudnn_benchmark_follows_the_config_on_cuda_and_is_left_alone_on_cpu(autotune):
-    from u2pl_scale.engine.precision import configure_cudnn
+    from u2pl_scale.precision import configure_cudnn
     cfg = load_config(None, [f"train.cudnn_benchmark={str(autotune).lower()}"])
     before = torch.backends.cudnn.benchmark
     try:

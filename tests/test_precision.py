@@ -1,4 +1,4 @@
-"""train.precision: auto resolves to bf16 only where the device runs bf16 natively (engine.precision)."""
+"""train.precision: auto resolves to bf16 only where the device runs bf16 natively (u2pl_scale/precision.py)."""
 import platform
 import warnings
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from u2pl_scale.engine import precision
-from u2pl_scale.engine.precision import native_bf16, resolve_precision
+from u2pl_scale import precision
+from u2pl_scale.precision import native_bf16, resolve_precision
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -52,7 +52,7 @@ def test_demo_run_writes_a_complete_run_dir(demo_shards, tmp_path):
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.train.epochs == 3  # the resolved config reloads
     # demo.yaml asks for precision auto: bf16 on a CPU that runs it natively, else fp32, recorded as run
-    from u2pl_scale.engine.precision import native_bf16
+    from u2pl_scale.precision import native_bf16
     expected = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
     assert resolved.train.precision == summary["precision"] == expected
     train_lines = [m for m in read_metrics(run_dir) if m["kind"] == "train"]

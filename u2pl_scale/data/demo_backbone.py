@@ -11,7 +11,7 @@ the demo's train and val streams) labeled with the object's SHAPE and TEXTURE (5
 the pooled features). Hue is uniform over the whole circle and texture independent of shape, so the demo's
 classes (shape + usual texture + hue family, on images with several objects) are not the pretraining labels, just
 as VOC's classes are not ImageNet's. Deterministic for a given seed, steps, thread count and precision (bf16 under
-autocast where the CPU runs it natively, else fp32: engine.precision.resolve_precision). The weights are saved
+autocast where the CPU runs it natively, else fp32: precision.resolve_precision). The weights are saved
 as safetensors (no pickle) with a JSON sidecar holding the settings and held-out accuracies.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_path, write_json_atomic
-from ..engine.precision import resolve_precision
+from ..precision import resolve_precision
 from . import demo
 
 PRETRAIN_STREAM = 7  # demo.generate_sample uses streams 0 (train) and 1 (val)

@@ -82,12 +82,12 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)  # convert while still 1 byte per value
     out = images.to(torch.float32)  # keeps the memory format
-    mean_t, std_t = _channel_stats(tuple(map(float, mean)), tuple(map(float, std)), images.device)
+    mean_t, std_t = channel_stats(tuple(map(float, mean)), tuple(map(float, std)), images.device)
     return out.sub_(mean_t).div_(std_t)
 
 
 @functools.lru_cache(maxsize=16)
-def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, C, 1, 1] mean and std on `device`, copied there once (a host-to-device copy per step would be a
     host sync on GPU)."""
     with torch.inference_mode(False):

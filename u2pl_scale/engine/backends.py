@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import dist
-from .precision import grad_scaler
+from ..precision import grad_scaler
 
 
 class DDPBackend:

@@ -33,7 +33,7 @@ from .hooks import TrainHooks
 from .metering import Meter, method_metrics
 from .optim import build_optimizer, build_scheduler, describe_groups
 from .outputs import RunOutputs, save_prediction_grid
-from .precision import DTYPES, autocast, configure_cudnn, resolve_precision
+from ..precision import DTYPES, autocast, configure_cudnn, resolve_precision
 from .step import StepConfig, check_method_mode, supervised_step, u2pl_step
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..data.transforms import normalize
 from ..engine.evaluate import predict as engine_predict
-from ..engine.precision import autocast, native_bf16, resolve_precision
+from ..precision import autocast, native_bf16, resolve_precision
 
 MODES = ("whole", "sliding", "center")
 

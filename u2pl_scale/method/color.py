@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data.transforms import _channel_stats  # cached on the device: no host copy per step
+from ..data.transforms import channel_stats  # cached on the device: no host copy per step
 
 
 def hue_rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def rotate_hue(images: torch.Tensor, angles: torch.Tensor, mean: Sequence[float]
     """Normalised images [B, 3, H, W] ((pixel - mean) / std, pixels 0..255) with image i's hue rotated by
     angles[i] radians, pixels clipped to 0..255; memory format kept."""
     device, dtype = images.device, torch.float32
-    mean_t, std_t = (t.reshape(3) for t in _channel_stats(tuple(map(float, mean)), tuple(map(float, std)), device))
+    mean_t, std_t = (t.reshape(3) for t in channel_stats(tuple(map(float, mean)), tuple(map(float, std)), device))
     rotation = hue_rotation_matrices(angles.to(dtype))
     matrix = rotation * (std_t[None, None, :] / std_t[None, :, None])  # D^-1 R D
     offset = ((rotation - torch.eye(3, dtype=dtype, device=device)) @ mean_t) / std_t  # D^-1 (R - I) mean

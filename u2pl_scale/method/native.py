@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from .buffers import reusable_empty
+from .paths import CPU_LOOPS_SINGLE_THREAD
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _LOCK = threading.Lock()
@@ -135,8 +136,6 @@ def _check(status: int, bad_input: str) -> None:
 
 
 def _threads() -> int:
-    from .reliability import CPU_LOOPS_SINGLE_THREAD
-
     return 1 if CPU_LOOPS_SINGLE_THREAD else torch.get_num_threads()
 
 

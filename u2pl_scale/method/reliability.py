@@ -8,8 +8,6 @@ the host.
 from __future__ import annotations
 
 import functools
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -17,7 +15,7 @@ import torch
 from . import native
 from .fp32 import fp32_region
 from .kernels import select_percentiles
-from .paths import host_path
+from .paths import cpu_single_thread, host_path  # noqa: F401  (cpu_single_thread: re-exported)
 
 Number = Union[float, int, torch.Tensor]
 
@@ -35,28 +33,6 @@ def entropy(prob: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
 
 # CPU: elements per chunk of the fused softmax/entropy/CE passes, so a chunk's temporaries stay in cache
 CPU_CHUNK_ELEMENTS = 1 << 19
-
-
-# U2PL_CPU_LOOPS_SINGLE_THREAD=1 runs the cache-sized CPU loops on one thread: better on a machine shared with
-# other jobs; off by default since with passive OpenMP waiting all threads are faster on an idle machine
-# (VOC method work 0.23 s vs 0.32 s per step on 2 idle cores).
-CPU_LOOPS_SINGLE_THREAD = os.environ.get("U2PL_CPU_LOOPS_SINGLE_THREAD", "0") == "1"
-
-
-@contextmanager
-def cpu_single_thread(device: torch.device):
-    """One intra-op thread for a loop of many small, cache-sized CPU ops. Each multi-threaded op ends at a
-    barrier; on a loaded machine a descheduled worker makes every barrier cost up to a scheduler time slice, so
-    hundreds of small parallel ops cost seconds (measured: 4 s instead of 0.3 s per step). No-op off CPU."""
-    if not host_path(device) or not CPU_LOOPS_SINGLE_THREAD or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def cpu_row_chunks(shape: torch.Size) -> list[tuple[int, int, int]]:

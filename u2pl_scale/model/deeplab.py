@@ -11,12 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import create_backbone
-
-
-def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
-    pad = 0 if kernel == 1 else dilation
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+from .blocks import conv_bn_relu, head as _head
 
 
 class ASPP(nn.Module):
@@ -34,12 +29,6 @@ class ASPP(nn.Module):
         h, w = x.shape[-2:]
         pooled = F.interpolate(self.pool(x), size=(h, w), mode="bilinear", align_corners=True)
         return self.fuse(torch.cat([pooled] + [b(x) for b in self.branches], dim=1))
-
-
-def _head(cin: int, channels: int, cout: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(conv_bn_relu(cin, channels, 3), nn.Dropout2d(dropout),
-                         conv_bn_relu(channels, channels, 3), nn.Dropout2d(dropout),
-                         nn.Conv2d(channels, cout, 1))
 
 
 class DeepLabV3Plus(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import create_checked
-from .deeplab import _head, conv_bn_relu
+from .blocks import conv_bn_relu, head as _head
 
 VIT_PREFIXES = ("vit_", "eva")
 
