@@ -125,8 +125,7 @@ def _top_mask(keys: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
         return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
     if not largest:
         # the k smallest are the k largest of an order-reversing map: -x for floats, ~x (= -x - 1, no overflow)
-        # for integer keys, whose amin over the class dim is ~40x slower than amax on CPU (8 ms vs 0.2 ms at VOC
-        # shapes, torch 2.14)
+        # for integer keys, whose amin over the class dim is much slower than amax on CPU
         flipped = keys.neg() if keys.is_floating_point() else torch.bitwise_not(keys)
         return _top_mask(flipped, k, largest=True)
     lowest = float("-inf") if keys.is_floating_point() else torch.iinfo(keys.dtype).min
@@ -321,8 +320,7 @@ def _count_per_class(pixel_label: torch.Tensor, num_classes: int) -> torch.Tenso
 
     Host path: an index_add. Device path: a compare-and-sum over [C, P], one reduction (fused when compiled). An
     int64 index_add there is what inductor cannot do with atomics: it falls back to aten's sort-based index_put,
-    which serialises the many pixels of each class (the H100 profile of the compiled method: two such calls, 8.4 of
-    its 10.2 ms of GPU time)."""
+    which serialises the many pixels of each class (most of the compiled method's GPU time in a profile)."""
     if host_path(pixel_label.device):
         counts = torch.zeros(num_classes + 1, dtype=torch.long, device=pixel_label.device)
         return counts.index_add_(0, pixel_label, torch.ones_like(pixel_label))[:num_classes]
@@ -363,9 +361,8 @@ def sample_anchor_index_from_labels(
     return order[position], count
 
 
-# bytes of gathered negatives per chunk: a few MB keeps a chunk in cache on CPU (VOC shapes, 2-core AMD EPYC with 1 MB
-# L2 per core and 32 MB L3: the gather + both bmms took 61 ms per step at 2 and 4 MB, 67 ms at 1 MB, 93 ms at
-# 16 MB); one chunk on accelerators
+# bytes of gathered negatives per chunk: a few MB keeps a chunk in cache on CPU (larger chunks were slower); one
+# chunk on accelerators
 _CPU_CHUNK_BYTES = 4 << 20
 _DEVICE_CHUNK_BYTES = 512 << 20
 

@@ -46,7 +46,7 @@ CPU_LOOPS_SINGLE_THREAD = os.environ.get("U2PL_CPU_LOOPS_SINGLE_THREAD", "0") ==
 def cpu_single_thread(device: torch.device):
     """One intra-op thread for a loop of many small, cache-sized CPU ops. Each multi-threaded op ends at a
     barrier; on a loaded machine a descheduled worker makes every barrier cost up to a scheduler time slice, so
-    hundreds of small parallel ops cost seconds (measured: 4 s instead of 0.3 s per step). No-op off CPU."""
+    hundreds of small parallel ops cost seconds instead of a fraction of one. No-op off CPU."""
     if not host_path(device) or not CPU_LOOPS_SINGLE_THREAD or torch.get_num_threads() == 1:
         yield
         return
