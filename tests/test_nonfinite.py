@@ -222,3 +222,43 @@ def test_the_setting_is_checked():
 
     with pytest.raises(ConfigError, match="train.max_consecutive_nonfinite"):
         load_config(REPO / "configs" / "demo.yaml", ["train.max_consecutive_nonfinite=-1"])
+
+
+def _deepspeed_rank(rank: int, port: int, out: str) -> None:
+    """One rank of a 1-rank DeepSpeed engine: a poisoned loss skips backward and step, the LR schedule advances."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    from u2pl_scale.engine.backends import DeepSpeedBackend
+
+    net = tiny_net()
+    net(batches()[0])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    backend = DeepSpeedBackend(net, optimizer, scheduler, torch.device("cpu"), "fp32", 0.0, 1, 2)
+    guard = StepGuard([backend.module], backend.optimizer, torch.device("cpu"), 1, 3, history=4)
+    before = [p.detach().clone() for p in backend.module.parameters()]
+    lrs, flags = [backend.lr], []
+    for i, x in enumerate(batches()[:2]):
+        guard.begin(i, [])
+        loss = backend.forward_model(x).square().mean() * (float("nan") if i == 0 else 1.0)
+        backend.backward_and_step(loss, guard)
+        flags.append(bool(guard.bad))
+        if i == 0:
+            skipped = [p.detach().clone() for p in backend.module.parameters()]
+        guard.end(i)
+        lrs.append(backend.lr)
+    after = [p.detach().clone() for p in backend.module.parameters()]
+    torch.save({"flags": flags, "unchanged": all(torch.equal(a, b) for a, b in zip(before, skipped)),
+                "moved": any(not torch.equal(a, b) for a, b in zip(skipped, after)), "lrs": lrs}, f"{out}/ds.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_deepspeed_skips_a_nonfinite_step(tmp_path):
+    pytest.importorskip("deepspeed")
+    from test_dist import free_port
+
+    mp.start_processes(_deepspeed_rank, args=(free_port(), str(tmp_path)), nprocs=1, start_method="spawn")
+    got = torch.load(tmp_path / "ds.pt", weights_only=True)
+    assert got["flags"] == [True, False] and got["unchanged"] and got["moved"]
+    assert got["lrs"] == pytest.approx([0.1, 0.05, 0.1 / 3])  # the schedule advanced on the skipped step too
