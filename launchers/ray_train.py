@@ -24,13 +24,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from u2pl_scale.entry import add_common_args  # noqa: E402  (light: no torch)
+
 def _scalars(metrics: dict) -> dict:
     """What Ray keeps as metrics: numbers, strings, booleans (lists/pictures stay in run_dir)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 def _make_hooks():
-    from u2pl_scale.engine.hooks import TrainHooks
+    from u2pl_scale.entry import TrainHooks
 
     class RayReportHooks(TrainHooks):
         """Reports to Ray Train from every worker at the same points of the run."""
@@ -106,10 +108,7 @@ def eval_loop_per_worker(loop_config: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides passed through, e.g. train.epochs=3; "
-                   "with --evaluate: launchers/evaluate.py's arguments, after --")
-    p.add_argument("--evaluate", action="store_true", help="evaluate a checkpoint instead of training")
+    add_common_args(p, default_config=str(REPO / "configs" / "demo.yaml"), evaluate=True)
     p.add_argument("--num-workers", type=int, default=2, help="training workers (ranks), default 2")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores reserved per worker (default 1)")

@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from u2pl_scale.entry import add_common_args  # noqa: E402  (light: no torch)
+
 
 def _override_value(overrides: list[str], key: str):
     value = None
@@ -45,13 +47,12 @@ class TrainJob:
         if self.repo not in sys.path:
             sys.path.insert(0, self.repo)
         from u2pl_scale.config import load_config
-        from u2pl_scale.engine.checkpoint import list_checkpoints
-        from u2pl_scale.entry import run_training
+        from u2pl_scale.entry import checkpoints_in, run_training
 
         overrides = list(self.overrides)
         run_dir = Path(load_config(self.config, overrides).train.run_dir)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        found = list_checkpoints(run_dir / "checkpoints")
+        found = checkpoints_in(run_dir)
         # a requeued job (or a resubmission into the same run_dir) continues from its own latest checkpoint
         if found or _override_value(overrides, "train.resume") is None:
             overrides.append("train.resume=auto")
@@ -96,10 +97,7 @@ class EvalJob:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides passed through, e.g. train.epochs=3; "
-                   "with --evaluate: launchers/evaluate.py's arguments, after --")
-    p.add_argument("--evaluate", action="store_true", help="evaluate a checkpoint instead of training")
+    add_common_args(p, default_config=str(REPO / "configs" / "demo.yaml"), evaluate=True)
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (sbatch --nodes)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; one task (rank) per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU-only run: gloo, --ntasks-per-node tasks per node")
