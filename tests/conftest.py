@@ -1,4 +1,5 @@
 """Shared fixtures. The demo shards are built once, at the default location the demo config reads."""
+import contextlib
 from pathlib import Path
 
 import u2pl_scale  # noqa: F401  (sets the CPU threading environment before torch loads)
@@ -102,3 +103,61 @@ def slurm_cluster():
     yield SLURM_SCRIPT
     if not was_running:
         subprocess.run([str(SLURM_SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+# ---- four "hosts" on this machine (tests/test_multinode.py): network namespaces, tests/cluster/netns.sh ---------
+
+SLURM_MULTI_SCRIPT = REPO / "tests" / "cluster" / "slurm_multinode.sh"
+RAY_MULTI_SCRIPT = REPO / "tests" / "cluster" / "ray_multinode.sh"
+
+
+@contextlib.contextmanager
+def _four_node_cluster(script: Path, what: str):
+    """Start a four-node cluster with its script unless one it started runs already (that one is used and left
+    running); gives the script. Skips when not root, when the packages are missing, when namespaces of its names
+    exist that it did not create, or when this machine allows no network namespaces; another failure fails."""
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip(f"four-node {what} tests need root: {script.name} creates network namespaces")
+    # this interpreter's tools (ray, python) also where its environment is not activated
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHON=sys.executable)
+    was_running = subprocess.run([str(script), "owned"], capture_output=True, env=env).returncode == 0
+    if not was_running:
+        proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=300, env=env)
+        if proc.returncode in (2, 3, 5, 6):
+            pytest.skip(f"cannot start a four-node {what}: {proc.stderr.strip().splitlines()[-1]}")
+        if proc.returncode != 0:
+            subprocess.run([str(script), "stop"], capture_output=True, timeout=120, env=env)  # half-started
+            pytest.fail(f"tests/cluster/{script.name} start failed (rc {proc.returncode}):\n{proc.stderr}")
+    try:
+        yield script
+    finally:
+        if not was_running:
+            subprocess.run([str(script), "stop"], capture_output=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def slurm_four_nodes():
+    """A REAL four-node Slurm (tests/cluster/slurm_multinode.sh): slurmctld here, slurmd on hosts node1..4 (network
+    namespaces); stopped, namespaces removed, at the end of the module. Yields the environment its Slurm commands
+    need (SLURM_CONF: its own configuration, beside the one-node cluster's)."""
+    import os
+    import subprocess
+
+    with _four_node_cluster(SLURM_MULTI_SCRIPT, "Slurm") as script:
+        exports = subprocess.run([str(script), "env"], capture_output=True, text=True, check=True).stdout
+        yield dict(os.environ, **dict(item.split("=", 1) for item in exports.split()[1:]))
+
+
+@pytest.fixture(scope="module")
+def ray_four_nodes():
+    """A REAL four-node Ray (tests/cluster/ray_multinode.sh): the head on node1, workers on node2..4 (network
+    namespaces), one CPU each; stopped, namespaces removed, at the end of the module. Yields its address."""
+    import subprocess
+
+    with _four_node_cluster(RAY_MULTI_SCRIPT, "Ray") as script:
+        yield subprocess.run([str(script), "address"], capture_output=True, text=True, check=True).stdout.strip()

@@ -6,6 +6,7 @@
 #   tests/cluster/slurm_local.sh stop     cancel our jobs, stop the daemons this script started (pid files)
 #   tests/cluster/slurm_local.sh owned    exit 0 when the running cluster is the one this script started
 #   tests/cluster/slurm_local.sh steps    the pids of this cluster's slurmstepd processes (what stop kills)
+#   tests/cluster/slurm_local.sh install  install slurm-wlm/munge with apt-get when missing (nothing started)
 #
 # Needs root (Debian/Ubuntu; apt-get is used only when the daemons are missing). State, spool, pid and log
 # files live in $U2PL_SLURM_DIR (default /var/tmp/u2pl-slurm). It writes /etc/slurm/slurm.conf and
@@ -18,8 +19,13 @@ DIR=${U2PL_SLURM_DIR:-/var/tmp/u2pl-slurm}
 CONF=/etc/slurm/slurm.conf
 CGCONF=/etc/slurm/cgroup.conf
 MARK="# written by u2pl-scale tests/cluster/slurm_local.sh"
+# munged serves both this cluster and slurm_multinode.sh's: one pid file, the last cluster to stop stops it
+MUNGED_PID=${U2PL_MUNGED_PID:-/var/tmp/u2pl-munged.pid}
 
 log() { echo "[slurm_local] $*" >&2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
@@ -43,28 +49,7 @@ install_if_missing() {
   fi
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
 node_state() { timeout 5 sinfo -h -n localhost -o %T 2>/dev/null | head -1; }
-
-start_munge() {
-  if timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then
-    return 0  # a munged already answers (ours or the system's)
-  fi
-  if [ ! -s /etc/munge/munge.key ]; then
-    mkdir -p /etc/munge
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-    chmod 400 /etc/munge/munge.key
-  fi
-  mkdir -p /run/munge /var/lib/munge /var/log/munge
-  munged --force --pid-file="$DIR/munged.pid" --log-file="$DIR/munged.log" \
-    || { log "munged failed to start"; exit 4; }
-  for _ in $(seq 50); do
-    timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  log "munged does not answer"; cat "$DIR/munged.log" >&2; exit 4
-}
 
 write_conf() {
   local cpus mem_mb
@@ -121,7 +106,7 @@ start() {
   if owned && [ -n "$(node_state)" ]; then
     log "already running: $(node_state)"; return 0
   fi
-  if ! pid_alive "$DIR/slurmctld.pid" && pgrep -x slurmctld >/dev/null; then
+  if ! pid_alive "$DIR/slurmctld.pid" && foreign_controller; then
     log "a slurmctld this script did not start is running: not adopting or replacing it"; exit 5
   fi
   start_munge
@@ -129,7 +114,7 @@ start() {
   if ! pid_alive "$DIR/slurmctld.pid"; then
     # a fresh controller starts from empty state: jobs saved by an earlier cluster (a killed test session)
     # would otherwise be resumed and hold the node
-    kill_job_steps
+    kill_job_steps "$DIR/spool/job"
     rm -rf "$DIR/state" "$DIR/spool" && mkdir -p "$DIR/state" "$DIR/spool"
   fi
   pid_alive "$DIR/slurmctld.pid" || slurmctld -c || { log "slurmctld failed"; tail -20 "$DIR/slurmctld.log" >&2; exit 4; }
@@ -148,27 +133,12 @@ start() {
   exit 4
 }
 
-our_job_steps() {
-  # the slurmstepd processes of this cluster: they run in its directory (a foreign cluster's are left alone)
-  local pid
-  for pid in $(pgrep -x slurmstepd 2>/dev/null); do
-    case "$(readlink "/proc/$pid/cwd" 2>/dev/null)" in "$DIR"|"$DIR"/*) echo "$pid" ;; esac
-  done
-}
-
-kill_job_steps() {
-  # job steps (slurmstepd and the tasks under it) outlive the daemons when those are stopped abruptly
-  local pid steps
-  steps=$(our_job_steps)
-  [ -n "$steps" ] && kill -TERM $steps 2>/dev/null
-  sleep 0.5
-  steps=$(our_job_steps)
-  [ -n "$steps" ] && kill -KILL $steps 2>/dev/null
-  for pid in $(pgrep -f "$DIR/spool/job" 2>/dev/null); do  # batch scripts of this cluster and their sruns
-    pkill -KILL -P "$pid" 2>/dev/null || true
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  return 0
+foreign_controller() {
+  # a slurmctld neither this script nor slurm_multinode.sh started (that one has its own config and port)
+  local pid multi
+  multi=$(cat "${U2PL_SLURM_MULTI_DIR:-/var/tmp/u2pl-slurm-multi}/slurmctld.pid" 2>/dev/null)
+  for pid in $(pgrep -x slurmctld 2>/dev/null); do [ "$pid" != "$multi" ] && return 0; done
+  return 1
 }
 
 owned() {
@@ -183,15 +153,10 @@ stop() {
     log "no cluster started by this script is running (nothing stopped)"; return 0
   fi
   timeout 10 scancel --full --quiet -u root >/dev/null 2>&1 || true
-  kill_job_steps
-  for name in slurmd slurmctld munged; do
-    if pid_alive "$DIR/$name.pid"; then
-      kill "$(cat "$DIR/$name.pid")" 2>/dev/null
-      for _ in $(seq 50); do pid_alive "$DIR/$name.pid" || break; sleep 0.2; done
-      pid_alive "$DIR/$name.pid" && kill -9 "$(cat "$DIR/$name.pid")" 2>/dev/null
-    fi
-    rm -f "$DIR/$name.pid"
-  done
+  kill_job_steps "$DIR/spool/job"
+  stop_pidfile "$DIR/slurmd.pid"
+  stop_pidfile "$DIR/slurmctld.pid"
+  "$(dirname "$0")/slurm_multinode.sh" owned || stop_pidfile "$MUNGED_PID"
   if [ -f "$CONF.u2pl-backup" ]; then mv -f "$CONF.u2pl-backup" "$CONF"; fi
   if [ -f "$CGCONF.u2pl-backup" ]; then mv -f "$CGCONF.u2pl-backup" "$CGCONF"; fi
   log "stopped"
@@ -208,5 +173,6 @@ case "$ACTION" in
   status) status ;;
   owned) owned; exit $? ;;
   steps) our_job_steps ;;
-  *) echo "usage: $0 start|stop|status|owned|steps" >&2; exit 64 ;;
+  install) need_root; install_if_missing ;;
+  *) echo "usage: $0 start|stop|status|owned|steps|install" >&2; exit 64 ;;
 esac

@@ -14,6 +14,31 @@ from .. import dist
 from ..precision import grad_scaler
 
 
+def ordered_allreduce_hook(group, bucket):
+    """DDP comm hook for gloo ranks at W > 2: the bucket gathered from every rank and summed in rank order, then
+    averaged. gloo's ring all-reduce adds the ranks' values in an order that depends on an element's offset in the
+    bucket, and DDP lays its buckets out anew after the first step of every process, so the first step after a
+    resume would sum some gradients in another order than the uninterrupted run (a last-bit difference that grows).
+    Here each element's sum is (((g0 + g1) + g2) + ...) wherever it sits: resume stays exact. CPU runs only: it
+    moves W times the bytes of an all-reduce (with 2 ranks the sum is order-free and the default hook is kept)."""
+    import torch.distributed as tdist
+
+    tensor = bucket.buffer()  # a flat bucket
+    world = tdist.get_world_size(group)
+    gathered = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # renamed in torch 2.1x
+    work = gather(gathered, tensor, group=group, async_op=True)
+
+    def average(_):
+        parts = gathered.view(world, -1)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total.add_(part)
+        return total.div_(world)
+
+    return work.get_future().then(average)
+
+
 class DDPBackend:
     name = "ddp"
 
@@ -28,6 +53,9 @@ class DDPBackend:
             ids = [device.index] if device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(model, device_ids=ids,
                                                          find_unused_parameters=find_unused_parameters)
+            if device.type == "cpu" and dist.get_world_size() > 2 and not getattr(self.forward_model,
+                                                                                   "_comm_hooks", None):
+                self.forward_model.register_comm_hook(None, ordered_allreduce_hook)
         else:
             self.forward_model = model
 
