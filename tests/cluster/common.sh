@@ -58,3 +58,30 @@ kill_job_steps() {
   done
   return 0
 }
+
+# slurm.conf settings every cluster here shares (daemons as root, munge, no cgroups, no accounting)
+slurm_conf_common() {
+  cat <<'EOF'
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+# short waits so requeue/cancel tests do not idle (SIGTERM -> SIGKILL after KillWait seconds)
+KillWait=5
+MinJobAge=30
+EOF
+}
+
+# cgroup.conf: no constraints (CgroupPlugin=disabled is refused by Debian's Slurm 22.05, and slurmd then exits)
+cgroup_conf() {
+  cat <<'EOF'
+CgroupPlugin=cgroup/v1
+CgroupAutomount=no
+ConstrainCores=no
+ConstrainRAMSpace=no
+EOF
+}

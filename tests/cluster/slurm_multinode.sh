@@ -59,25 +59,12 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-JobAcctGatherType=jobacct_gather/none
-# short waits so requeue/cancel tests do not idle (SIGTERM -> SIGKILL after KillWait seconds)
-KillWait=5
-MinJobAge=30
+$(slurm_conf_common)
 NodeName=node[1-$NODES] NodeAddr=$NET.[1-$NODES] CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
   cat >"$DIR/cgroup.conf" <<EOF
-CgroupPlugin=cgroup/v1
-CgroupAutomount=no
-ConstrainCores=no
-ConstrainRAMSpace=no
+$(cgroup_conf)
 EOF
 }
 
