@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project measures or tests on a GPU, in one command (a lent GPU machine is held for minutes):
-# the GPU tests (tests/test_gpu.py), the step breakdown of VOC 513 ResNet-101 at bf16 channels-last and at fp32
+# the GPU tests (tests/gpu/test_gpu.py), the step breakdown of VOC 513 ResNet-101 at bf16 channels-last and at fp32
 # (img/s, method work %, host-device syncs, MFU), the method overhead at VOC and Cityscapes shapes, and both again
 # with the method compiled (train.compile_method).
 # The full output goes to $OUT/all.log (default OUT=/tmp/gpu_suite); each part's tail is printed as it ends.
@@ -39,10 +39,10 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 # the parts in order of what they decide (a lease can end early; GPU_SUITE_ONLY="name ..." runs only those named)
 # the method's Triton kernels (the fused queue push and the compacted push's row copy against the CPU push, the
 # percentiles against the torch ops and numpy), first: the timings below assume they are right
-run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "static_queue_push or triton_percentiles"
+run test_gpu_push 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py -k "static_queue_push or triton_percentiles"
 # train.compile_method_mode=cuda-graph (engine/graphed.py, new in stop 15, never run on a GPU yet): the eager method
 # captured by hand as two CUDA graphs, no torch.compile; first its test against the eager method
-run test_gpu_captured 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "captured_by_hand or method-captured"
+run test_gpu_captured 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py -k "captured_by_hand or method-captured"
 run breakdown_bf16_cl 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last
 run breakdown_bf16_cl_captured_method 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --compile-method cuda-graph
 # train.compile_method: the method as one compiled graph replayed as CUDA graphs (launch-bound in eager on a GPU)
@@ -57,17 +57,17 @@ run overhead_voc_captured 60 python3 benchmarks/method_overhead.py $MDEV --shape
 run host_cost 60 python3 benchmarks/method_overhead.py --host-cost
 run overhead_voc_compiled 240 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile --profile
 # the method replayed as CUDA graphs (train.compile_method_mode=reduce-overhead): no syncs, fresh inputs each replay
-run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" -k graphs
-run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push and not triton_percentiles and not captured_by_hand"
+run test_gpu_graphs 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py -m "not slow" -k graphs
+run test_gpu_fast 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py tests/unit/test_no_host_sync.py -m "not slow" -k "not graphs and not static_queue_push and not triton_percentiles and not captured_by_hand"
 # train.cudnn_benchmark=false: what cuDNN's autotuning is worth to the model's part of the step
 run breakdown_bf16_cl_no_cudnn_benchmark 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --no-cudnn-benchmark
-run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k "eager"
-run test_gpu_run_method_compiled 180 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/test_gpu.py -m slow -k method-compiled
+run test_gpu_run_eager 120 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/gpu/test_gpu.py -m slow -k "eager"
+run test_gpu_run_method_compiled 180 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/gpu/test_gpu.py -m slow -k method-compiled
 run breakdown_fp32 100 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run breakdown_bf16_cl_b8 100 python3 benchmarks/step_breakdown.py $DEV --precision bf16 --channels-last --batch 8
 run overhead_cityscapes 60 python3 benchmarks/method_overhead.py $MDEV --shape cityscapes
 # torch.compile of the student and teacher (several graphs: train/eval mode, batch sizes): minutes; on a timeout
 # pytest-timeout prints where it was
-run test_gpu_run_compiled 300 python3 -m pytest -q -p no:cacheprovider --durations=0 --timeout=280 tests/test_gpu.py -m slow -k all-compiled
+run test_gpu_run_compiled 300 python3 -m pytest -q -p no:cacheprovider --durations=0 --timeout=280 tests/gpu/test_gpu.py -m slow -k all-compiled
 rm -f "$OUT/last.log"
 echo "=== summary"; cat "$OUT/summary.txt"

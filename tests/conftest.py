@@ -1,11 +1,33 @@
-"""Shared fixtures. The demo shards are built once, at the default location the demo config reads."""
+"""Shared fixtures. The demo shards are built once, at the default location the demo config reads.
+
+Layout: unit/ (one module or a few, in process), integration/ (training, ranks, launchers, clusters, servers,
+benchmark scripts), gpu/ (needs CUDA), helpers/ (modules the tests import: `from digests import state_digests`),
+cluster/ (the scripts that start real Slurm / Ray clusters). Each test gets the marker of its directory."""
 import contextlib
+import sys
 from pathlib import Path
 
 import u2pl_scale  # noqa: F401  (sets the CPU threading environment before torch loads)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# the shared helper modules, importable by name in test modules and in the ranks they spawn (which inherit sys.path)
+sys.path.insert(0, str(TESTS / "helpers"))
+
+LAYERS = ("unit", "integration", "gpu")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Marks each test with its layer (unit, integration or gpu) from the directory it lives in."""
+    for item in items:
+        try:
+            layer = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # a test file outside tests/ named on the command line
+            continue
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 def require_native_kernels():
@@ -77,7 +99,7 @@ def demo_shards() -> Path:
     return root
 
 
-# ---- real clusters on this machine (tests/test_slurm.py, tests/test_ray.py) ------------------------------------
+# ---- real clusters on this machine (tests/integration/test_slurm.py, test_ray.py) -------------------------------
 
 SLURM_SCRIPT = REPO / "tests" / "cluster" / "slurm_local.sh"
 
@@ -105,7 +127,7 @@ def slurm_cluster():
         subprocess.run([str(SLURM_SCRIPT), "stop"], capture_output=True, timeout=120)
 
 
-# ---- four "hosts" on this machine (tests/test_multinode.py): network namespaces, tests/cluster/netns.sh ---------
+# ---- four "hosts" on this machine (tests/integration/test_multinode.py): network namespaces, tests/cluster/netns.sh
 
 SLURM_MULTI_SCRIPT = REPO / "tests" / "cluster" / "slurm_multinode.sh"
 RAY_MULTI_SCRIPT = REPO / "tests" / "cluster" / "ray_multinode.sh"

@@ -13,7 +13,7 @@ from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
 from u2pl_scale.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -101,7 +101,7 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
     with new inputs each (the third is a replay of the recorded graphs): the sampling-free parts agree (the
     unsupervised loss, its gradient, the reliable ratio, the queue pointers and fill); the contrastive loss is
     finite and positive. The same queues feed both, copied before each step."""
-    from test_compile_method import make_inputs, step_config
+    from method_inputs import make_inputs, step_config
 
     sc_graphs, sc_plain = step_config(), step_config()
     sc_graphs.compile_method_mode, sc_plain.compile_method_mode = "reduce-overhead", "default"
@@ -147,8 +147,7 @@ def _captured_against_eager(runs: dict, check_profile=None) -> None:
     steps with new inputs each and the same seeds, each on its own CUDA copy of test_graphed_method's queues.
     Losses, gradients and queues equal; the graph's steps after the capturing one do not synchronise with the host;
     `check_profile(prof)` checks a profile of the graph's last step, if given."""
-    from test_compile_method import make_inputs
-    from test_graphed_method import big_queues
+    from method_inputs import big_queues, make_inputs
 
     template = big_queues()
     queues = {}
@@ -187,7 +186,7 @@ def test_method_captured_by_hand_replays_the_eager_method():
     each and the same seeds (the first captures, after two warm-up runs it undoes): losses, gradients and queues
     equal, the contrastive loss too (a captured graph draws from the default generator as the eager ops do); the
     replayed steps do not synchronise with the host and launch the graphs, not the eager ops."""
-    from test_compile_method import step_config
+    from method_inputs import step_config
 
     sc_graph, sc_eager = step_config(), step_config()
     sc_graph.compile_method_mode, sc_eager.compile_method = "cuda-graph", False
@@ -205,8 +204,7 @@ def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eag
     """The world-size > 1 form of compile_method_mode=cuda-graph (two forward graphs, the queues' gather eager
     between them, one backward graph) on one GPU, with a gather that plays a second rank sending the same rows:
     equal to the eager method pushing the same rows over three steps; replays do not synchronise with the host."""
-    from test_compile_method import step_config
-    from test_graphed_method import eager_with_duplicated_push, split_parts
+    from method_inputs import eager_with_duplicated_push, split_parts, step_config
     from u2pl_scale.engine.graphed import GraphCache
     from u2pl_scale.engine.step import method_losses
 

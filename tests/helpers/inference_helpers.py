@@ -1,4 +1,4 @@
-"""A tiny trained demo run shared by the tests/test_inference_*.py modules (trained once per process)."""
+"""A tiny trained demo run shared by the tests/integration/test_inference_*.py modules (trained once per process)."""
 from __future__ import annotations
 
 import atexit
@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # resnet10t, 48 px crops, 2 x 5 steps (supervised warm-up, then U2PL), one evaluation at the end: best.pt is the
 # final (teacher) evaluation, so summary.json's miou and per_class_iou are best.pt's figures
 TINY = ["train.progress_bar=false", "model.backbone=resnet10t", "data.steps_per_epoch=5", "train.epochs=2",

@@ -18,7 +18,7 @@ from u2pl_scale.data.datasets import DatasetError
 from u2pl_scale.data.writer import ShardWriteError
 from shard_helpers import read_set
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save_image(path: Path, height: int, width: int, seed: int, mode: str = "RGB") -> None:

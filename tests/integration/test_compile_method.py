@@ -6,7 +6,6 @@ gradients and queues. Inductor is asked to draw random numbers with torch's eage
 sample the same anchors and negatives.
 """
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,45 +15,10 @@ import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
-from test_method_queues import free_port
-from u2pl_scale.config import load_config
-from u2pl_scale.engine.step import StepConfig, method_runs_in_graph, run_method_losses
+from method_inputs import make_inputs, step_config
+from net import free_port
+from u2pl_scale.engine.step import method_runs_in_graph, run_method_losses
 from u2pl_scale.method.paths import device_path_on_cpu
-from u2pl_scale.method.queues import ClassQueues
-
-REPO = Path(__file__).resolve().parents[1]
-CLASSES, DIM, CROP, FEAT = 5, 16, 33, 9
-CAPACITIES = [40] + [30] * (CLASSES - 1)
-
-
-def step_config() -> StepConfig:
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.num_classes={CLASSES}", "train.compile_method=true",
-                                                       "method.contrastive.num_anchors=8",
-                                                       "method.contrastive.num_negatives=6"])
-    return StepConfig.from_config(cfg)
-
-
-def make_inputs(seed: int, queue_seed: int, num_labeled: int = 2, num_unlabeled: int = 2):
-    """Student/teacher outputs as method_losses receives them, and full queues with their pointers mid-ring."""
-    gen = torch.Generator().manual_seed(seed)
-    batch = num_labeled + num_unlabeled
-    pred = torch.randn(batch, CLASSES, FEAT, FEAT, generator=gen).requires_grad_()
-    rep = torch.randn(batch, DIM, FEAT, FEAT, generator=gen).contiguous(memory_format=torch.channels_last)
-    rep.requires_grad_()
-    y_l = torch.randint(0, CLASSES, (num_labeled, CROP, CROP), generator=gen)
-    y_l[:, :3] = 255
-    logits_u_t = 3 * torch.randn(num_unlabeled, CLASSES, CROP, CROP, generator=gen)
-    pseudo_u = logits_u_t.argmax(1)
-    pseudo_u[:, -2:] = 255
-    prob_t = torch.softmax(3 * torch.randn(batch, CLASSES, FEAT, FEAT, generator=gen), 1)
-    rep_t = torch.randn(batch, DIM, FEAT, FEAT, generator=gen).contiguous(memory_format=torch.channels_last)
-    queues = ClassQueues(CLASSES, DIM, CAPACITIES)
-    gen = torch.Generator().manual_seed(queue_seed)  # the same on every rank, as the queues are in training
-    queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
-    queues.fill.copy_(queues.capacities)
-    queues.write_ptr.copy_((torch.rand(CLASSES, generator=gen) * queues.capacities).long())
-    queues.buffer[-1] = 0  # the scratch row, which only the device path's padded writes touch
-    return pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues
 
 
 def run(compiled: bool, seed: int, progress: float):

@@ -20,13 +20,13 @@ from u2pl_scale.config import load_config
 from u2pl_scale.engine.step import StepConfig, u2pl_step
 from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
-from test_method_queues import free_port
+from net import free_port
 
 OVERRIDES = ["model.backbone=resnet10t", "model.head_channels=16", "model.low_level_channels=8", "model.rep_dim=8",
              "model.dropout=0.0", "method.cutmix_prob=0.0", "method.contrastive.negative_threshold=0.0",
              "method.contrastive.num_anchors=16", "method.contrastive.num_negatives=4",
              "method.contrastive.weight=0.25", "method.contrastive.anchor_threshold=0.0"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _step_gradient(world_size: int, rank: int = 0) -> dict:

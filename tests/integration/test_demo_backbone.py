@@ -91,7 +91,7 @@ def test_the_cli_trains_with_spinning_openmp_workers_and_the_same_weights_as_sle
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     weights, reports = {}, {}
     for policy in (None, "PASSIVE"):  # None: the CLI's choice; PASSIVE: the package's default, set by the user
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -14,7 +14,7 @@ from PIL import Image
 from u2pl_scale.data.demo import CLASS_NAMES, DEMO_SPLITS, build_demo, demo_manifest_paths, generate_sample
 from shard_helpers import read_set
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from net import free_port
 from u2pl_scale import dist
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -22,12 +22,6 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(key, raising=False)
     yield monkeypatch
     dist.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

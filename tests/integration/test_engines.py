@@ -9,7 +9,7 @@ import pytest
 
 from digests import logged, state_digests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 3 supervised warm-up steps then 3 U2PL steps, fp32 so that engines can be compared tightly.
 COMMON = ["train.progress_bar=false", "data.steps_per_epoch=3", "train.epochs=2", "data.batch_size_labeled=2",
           "data.batch_size_unlabeled=2", "data.num_workers=0", "train.log_interval=1", "train.precision=fp32",

@@ -1,13 +1,14 @@
-"""train.compile_method_mode=cuda-graph (engine/graphed.py) without a GPU: the capture itself needs CUDA (tests/test_gpu.py
-runs it there); here the graphs are replaced by RerunRecorder, which runs the captured function again at each replay,
-so everything around them runs as on a GPU: the static input copies, undoing the warm-up's queue pushes and random
-draws, the autograd plumbing (gradients to the student's outputs), the cache of captures, and the start checks."""
+"""train.compile_method_mode=cuda-graph (engine/graphed.py) without a GPU: the capture itself needs CUDA
+(tests/gpu/test_gpu.py runs it there); here the graphs are replaced by RerunRecorder, which runs the captured function
+again at each replay, so everything around them runs as on a GPU: the static input copies, undoing the warm-up's queue
+pushes and random draws, the autograd plumbing (gradients to the student's outputs), the cache of captures, and the
+start checks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from test_compile_method import make_inputs, step_config
+from method_inputs import big_queues, eager_with_duplicated_push, make_inputs, split_parts, step_config
 from u2pl_scale.config import ConfigError, load_config
 from u2pl_scale.engine.graphed import GraphCache, RerunRecorder
 from u2pl_scale.engine.step import check_method_mode, method_losses, method_runs_in_graph, run_method_losses
@@ -15,22 +16,7 @@ from u2pl_scale.method.paths import device_path_on_cpu
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def big_queues():
-    """Queues larger than one step's push (the test helper's small ones are overwritten whole by every push,
-    which would hide pushes that should not have happened), full, pointers mid-ring."""
-    from test_compile_method import CLASSES, DIM
-    from u2pl_scale.method.queues import ClassQueues
-
-    gen = torch.Generator().manual_seed(7)
-    queues = ClassQueues(CLASSES, DIM, [1200] + [1000] * (CLASSES - 1))
-    queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
-    queues.buffer[-1] = 0
-    queues.fill.copy_(queues.capacities)
-    queues.write_ptr.copy_((torch.rand(CLASSES, generator=gen) * queues.capacities).long())
-    return queues
+REPO = Path(__file__).resolve().parents[2]
 
 
 def assert_same_step(eager: dict, graphed: dict, step) -> None:
@@ -160,7 +146,7 @@ def test_at_world_size_two_the_graphed_method_splits_around_the_all_gather_and_e
     ranks' negatives)."""
     import torch.multiprocessing as mp
 
-    from test_method_queues import free_port
+    from net import free_port
 
     mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -198,33 +184,6 @@ def test_the_captures_belong_to_their_queues_and_go_with_them():
     del first, queues, captured, unsup, contra
     gc.collect()
     assert gone() is None
-
-
-def duplicate_rows(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """A two-rank all-gather in one process: the other rank sent the same rows."""
-    out[: packed.shape[0]].copy_(packed)
-    out[packed.shape[0]:].copy_(packed)
-    return out
-
-
-def split_parts():
-    from u2pl_scale.engine.graphed import MethodParts
-    from u2pl_scale.engine.step import method_after_push, method_before_push
-
-    return MethodParts(method_before_push, method_after_push, gather=duplicate_rows)
-
-
-def eager_with_duplicated_push(sc):
-    """The eager method as it runs at world size 2 when the other rank sends the same rows."""
-    from u2pl_scale.engine.step import method_after_push, method_before_push
-
-    def run(inputs, queues, progress):
-        unsup, reliable, prepared = method_before_push(sc, *inputs, queues, progress)
-        packed = queues.pack(prepared.push_rows, prepared.push_mask)
-        queues.push_packed(torch.cat([packed, packed]))
-        return unsup, method_after_push(sc, inputs[1], prepared, queues), reliable
-
-    return run
 
 
 def test_the_two_graph_split_in_one_process_equals_the_eager_method_with_the_same_gather():

@@ -3,7 +3,6 @@
 with the fused C kernel and with torch ops (fixture cpu_kernels)."""
 
 import os
-import socket
 from collections import deque
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from net import free_port
 from u2pl_scale.method.queues import ClassQueues
 
 
@@ -129,7 +129,7 @@ def test_state_dict_round_trip_and_mismatch_error():
 
 # ---------------------------------------------------------------- two gloo ranks
 # every rank's budget ceil(capacity / 2) is at least ROWS: each rank sends all its negatives, and the push is the
-# published one (tests/test_queue_exchange.py: ranks with more negatives than their budget)
+# published one (tests/integration/test_queue_exchange.py: ranks with more negatives than their budget)
 CAPACITIES = [16, 17, 18]
 ROWS = 8
 DIM = 3
@@ -159,12 +159,6 @@ def _worker(rank, world_size, port, out_dir):
         torch.save(queues.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_ranks_hold_identical_queues_equal_to_rank_ordered_reference(tmp_path):

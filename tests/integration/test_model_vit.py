@@ -17,7 +17,7 @@ from u2pl_scale.engine.optim import build_optimizer, param_groups
 from u2pl_scale.model import build_model
 from u2pl_scale.model.vit import default_blocks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"embed_dim": 48, "depth": 4, "num_heads": 3}
 FAMILIES = ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3"]
 
@@ -165,8 +165,8 @@ def test_hub_weights_unreachable_name_the_model_and_the_local_file_option(tmp_pa
             "build_model(cfg.model, cfg.data.num_classes)\n")
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode != 0
-    backbone = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vit.yaml").model.backbone
+    backbone = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_vit.yaml").model.backbone
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: model.backbone=" + backbone) and "model.pretrained_path=" in last, last

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "tests" / "cluster"
 SLURM_LAUNCHER = REPO / "launchers" / "slurm.py"
 RAY_LAUNCHER = REPO / "launchers" / "ray_train.py"

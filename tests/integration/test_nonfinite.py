@@ -21,7 +21,7 @@ from u2pl_scale.engine.guard import NonFiniteLossError, StepGuard
 from u2pl_scale.method import ema
 from u2pl_scale.method.queues import ClassQueues
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_net() -> torch.nn.Module:
@@ -136,7 +136,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
 def test_ranks_skip_together(tmp_path):
     """A non-finite loss on one rank of two (its gradients finite) skips the step on both: same flags, same
     parameters on both ranks afterwards."""
-    from test_dist import free_port  # the suite's helper for a free TCP port
+    from net import free_port
 
     mp.start_processes(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -256,7 +256,7 @@ def _deepspeed_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_deepspeed_skips_a_nonfinite_step(tmp_path):
     pytest.importorskip("deepspeed")
-    from test_dist import free_port
+    from net import free_port
 
     mp.start_processes(_deepspeed_rank, args=(free_port(), str(tmp_path)), nprocs=1, start_method="spawn")
     got = torch.load(tmp_path / "ds.pt", weights_only=True)

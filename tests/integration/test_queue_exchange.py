@@ -4,13 +4,13 @@ every rank and hold every rank's negatives in proportion. Real gloo groups of 2 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from net import free_port
 from u2pl_scale.method.queues import ClassQueues
 
 CAPACITIES = [12, 8, 32]  # divisible by 2 and 4: budgets 6/4/16 at W=2, 3/2/8 at W=4
@@ -41,12 +41,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fraction: float = 1.
                     "sent_shape": list(sent.shape)}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(world: int, tmp_path, fraction: float = 1.0) -> list[dict]:

@@ -17,7 +17,7 @@ import pytest
 
 from digests import state_digests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # run with pytest-xdist (-n 2 --dist loadgroup, the README command): these tests stay on one worker, in order:
 # one local Ray instance at a time
 pytestmark = pytest.mark.xdist_group("ray")

@@ -23,7 +23,7 @@ from u2pl_scale.data.stream import make_train_loader, make_val_loader, resolve_s
 from u2pl_scale.data.writer import ShardSetWriter, encode_sample
 from u2pl_scale.entry import run_training
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 6  # configs/demo.yaml's
 SIZE = 48
 BACKOFF = 0.05

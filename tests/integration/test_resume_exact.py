@@ -17,7 +17,7 @@ from digests import logged, state_digests
 from u2pl_scale.config import load_config
 from u2pl_scale.engine.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 4 steps per epoch, 3 epochs: epoch 0 supervised, epoch 1 U2PL with the teacher following the student, epoch 2 the
 # EMA teacher. An evaluation every epoch (its loader must not disturb the training's randomness), a decoding
 # worker per stream (its randomness is (seed, epoch, rank, position)), a checkpoint every 2 steps.

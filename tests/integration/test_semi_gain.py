@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.steps_per_epoch=4", "train.epochs=2", "eval.interval_epochs=2", "data.batch_size_labeled=4",
         "data.batch_size_unlabeled=4", "data.num_workers=0", "eval.num_pictures=1",
         "method.contrastive.num_anchors=16", "method.contrastive.queue_size=500"]

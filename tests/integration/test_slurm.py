@@ -14,7 +14,7 @@ import pytest
 
 from digests import state_digests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # run with pytest-xdist (-n 2 --dist loadgroup, the README command): these tests stay on one worker, in order:
 # one worker holds the Slurm that the session fixture starts and stops
 pytestmark = pytest.mark.xdist_group("slurm")

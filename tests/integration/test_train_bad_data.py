@@ -10,7 +10,7 @@ from u2pl_scale.config import load_config
 from u2pl_scale.data.decode import BadSample
 from u2pl_scale.engine.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def small_labeled_set_with_a_corrupt_image(demo: Path, out: Path) -> str:

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from net import free_port
 from u2pl_scale.config import load_config
 from u2pl_scale.engine.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 4 steps per epoch, 3 epochs: epoch 0 is the supervised warm-up, epochs 1-2 run the U2PL step.
 QUICK = ["train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=3", "data.batch_size_labeled=4",
          "data.batch_size_unlabeled=4", "data.num_workers=0", "train.log_interval=1", "eval.num_pictures=2",
@@ -162,19 +163,12 @@ def test_two_gloo_ranks_two_workers_on_uneven_shards(tmp_path):
 def test_plain_torchrun_starts_the_same_training(demo_shards, tmp_path):
     run_dir = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(REPO / "launchers" / "local.py"), *QUICK, "train.epochs=1",
+           str(free_port()), str(REPO / "launchers" / "local.py"), *QUICK, "train.epochs=1",
            f"train.run_dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_override_stops_with_the_key_named(tmp_path):

@@ -2,7 +2,7 @@
 dst[dst_index[i]] = src[src_index[i]] for i < count), the fused queue push and the percentiles.
 
 The Triton kernels (used on CUDA devices) run here in Triton's interpreter on CPU tensors, in a subprocess because
-TRITON_INTERPRET is read when the kernel is defined; tests/test_gpu.py runs them compiled on a GPU (the push
+TRITON_INTERPRET is read when the kernel is defined; tests/gpu/test_gpu.py runs them compiled on a GPU (the push
 directly, the percentiles inside the method's steps).
 """
 import contextlib
@@ -18,7 +18,7 @@ import torch
 
 from u2pl_scale.method.kernels import copy_rows_
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_interpreted(script: str, tmp_path: Path):
@@ -271,7 +271,7 @@ def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(ar
     (max_pairs) into fp32 and bf16 queues, and percentile fractions whose bits all fit in 32 bits (Triton then
     types every fraction argument i32); and none spills registers."""
     pytest.importorskip("triton")
-    from test_compile_method import make_inputs, step_config
+    from method_inputs import make_inputs, step_config
     from u2pl_scale.engine.step import method_losses
     from u2pl_scale.method import kernels
     from u2pl_scale.method.paths import device_path_on_cpu

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "u2pl_scale"
+PACKAGE = Path(__file__).resolve().parents[2] / "u2pl_scale"
 LAYERS = {"config": 0, "dist": 0, "atomic": 0, "precision": 0, "data": 1, "model": 1, "method": 1, "engine": 2,
           "inference": 3, "entry": 4}
 

@@ -252,7 +252,7 @@ def test_a_method_step_on_cpu_runs_every_kernel(kernels, monkeypatch):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import method_overhead as mo
 
     handled = count_kernel_calls(monkeypatch)

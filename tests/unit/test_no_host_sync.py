@@ -1,9 +1,9 @@
 """No host synchronisation inside the training step's device path, checked without a GPU.
 
-The step runs on the "meta" device (tensors without data, so reading a value raises) under tests/sync_audit.py,
-which also records ops that would sync a CUDA stream or copy host data to the device. This takes the same
-branches as CUDA (every `device.type == "cpu"` fast path is skipped). tests/test_gpu.py checks the same on a real
-GPU with torch.cuda.set_sync_debug_mode("error") when one is present.
+The step runs on the "meta" device (tensors without data, so reading a value raises) under
+tests/helpers/sync_audit.py, which also records ops that would sync a CUDA stream or copy host data to the device.
+This takes the same branches as CUDA (every `device.type == "cpu"` fast path is skipped). tests/gpu/test_gpu.py
+checks the same on a real GPU with torch.cuda.set_sync_debug_mode("error") when one is present.
 """
 import contextlib
 from pathlib import Path
@@ -21,7 +21,7 @@ from u2pl_scale.method import ema
 from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 META = torch.device("meta")
 
 

@@ -27,7 +27,7 @@ from u2pl_scale.method import contrastive
 from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CROP = 32
 B_L = B_U = 2
 PROGRESS = 0.25  # drop 15 %, alpha_t 15 %

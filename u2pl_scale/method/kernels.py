@@ -186,7 +186,7 @@ def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractio
 PERCENTILE_SLOTS = 4
 PUSH_BLOCK_ROWS = 64
 # columns per iteration of the push: a 64 x 64 tile is 32 values per thread of its 4 warps; a 64 x 256 tile took
-# all 255 registers and spilled (sm90, fp32; tests/test_kernels.py checks the compiled resource usage)
+# all 255 registers and spilled (sm90, fp32; tests/unit/test_kernels.py checks the compiled resource usage)
 PUSH_BLOCK_D = 64
 _triton_failed: list[str] = []  # the error of a Triton launch that failed once (then torch ops from there on)
 
