@@ -200,7 +200,7 @@ def print_stages(inputs: dict, device: torch.device, steps: int, warmup: int, ge
     print("| --- | --- | --- | --- |")
     for stage, values in times.items():
         values = values[warmup:]
-        print(f"| {stage} | {1e3 * statistics.median(values):.1f} | {1e3 * min(values):.1f} | "
+        print(f"| {stage} | {1e3 * statistics.median(values):.3f} | {1e3 * min(values):.3f} | "
               f"{100 * statistics.median(values) / whole:.0f} |")
 
 
