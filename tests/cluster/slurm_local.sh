@@ -121,10 +121,16 @@ start() {
 }
 
 foreign_controller() {
-  # a slurmctld neither this script nor slurm_multinode.sh started (that one has its own config and port)
+  # a live slurmctld neither this script nor slurm_multinode.sh started (that one runs with its own config file,
+  # -f .../u2pl-slurm-multi/slurm.conf); a zombie is not one (where pid 1 does not reap, a stopped controller
+  # lingers as one)
   local pid multi
-  multi=$(cat "${U2PL_SLURM_MULTI_DIR:-/var/tmp/u2pl-slurm-multi}/slurmctld.pid" 2>/dev/null)
-  for pid in $(pgrep -x slurmctld 2>/dev/null); do [ "$pid" != "$multi" ] && return 0; done
+  multi=${U2PL_SLURM_MULTI_DIR:-/var/tmp/u2pl-slurm-multi}
+  for pid in $(pgrep -x slurmctld 2>/dev/null); do
+    [[ $(ps -o stat= -p "$pid" 2>/dev/null) == Z* ]] && continue
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$multi/slurm.conf" && continue
+    return 0
+  done
   return 1
 }
 
