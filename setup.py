@@ -19,10 +19,9 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["u2pl_scale", "u2pl_scale.*"]),
-    package_data={"u2pl_scale.method": ["cpu_kernels.c"]},  # built on first use (u2pl_scale/method/native.py)
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",  # torch.library.custom_op (u2pl_scale/method/kernels.py); tested on 2.11 (GPU) and 2.14 (CPU)
+        "torch>=2.4",  # torch.library.custom_op (u2pl_scale/accel/triton_kernels.py); tested on 2.11 (GPU) and 2.14 (CPU)
         "torchvision>=0.19",
         "timm>=0.9",
         "webdataset>=0.2.86",

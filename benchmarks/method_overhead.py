@@ -10,8 +10,9 @@ pre-filled to capacity. Usage:
     python benchmarks/method_overhead.py [--shape voc|cityscapes|voc_vit|cityscapes_vit] [--device cpu|cuda]
                                          [--threads 2] [--steps 10] [--warmup 3] [--queue-dtype float32|bfloat16]
                                          [--compile [MODE]]
-    python benchmarks/method_overhead.py --count-ops [--shape voc]   # the device path's ops per step
-    python benchmarks/method_overhead.py --host-cost   # the device path's host time per step (tiny shapes, CPU)
+                                         [--implementation auto|reference]
+    python benchmarks/method_overhead.py --count-ops [--shape voc]   # the reference stages' ops per step
+    python benchmarks/method_overhead.py --host-cost   # the reference stages' host time per step (tiny, CPU)
     python benchmarks/method_overhead.py --stages [--shape voc]   # the eager step's parts, each timed
 
 CPU threads: every multi-threaded op ends at a barrier. On a machine shared with other jobs (load above the core
@@ -21,8 +22,8 @@ torch loads) makes waiting workers sleep instead of spin. OMP_WAIT_POLICY=defaul
 (spin a while, then sleep), ACTIVE always spins. The printed process CPU time (all threads, spinning included)
 is the number to compare across runs on a shared machine.
 
-On CPU the method's large passes run as fused C kernels where they build (u2pl_scale/method/native.py; the header
-line says whether they did): U2PL_NATIVE=0 times the torch-op forms they replace.
+The method runs with the stages the trainer would pick for the device (u2pl_scale.accel.select: on CPU the CPU
+stages, on CUDA the Triton ones); `--implementation reference` times u2pl_scale/method's own stages instead.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from u2pl_scale.method import (
     reliability,
     unsup_loss_from_reliable,
 )
+from u2pl_scale import accel  # noqa: E402
 from u2pl_scale.config import COMPILE_METHOD_MODES  # noqa: E402
 from u2pl_scale.engine.step import begin_graph_step, progress_tensor  # noqa: E402
 
@@ -77,7 +79,8 @@ HOST_COST_CONTRASTIVE = dict(num_anchors=4, num_negatives=2)
 
 
 def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed: int = 0, dim: int = 256,
-                contrastive: dict | None = None):
+                contrastive: dict | None = None, stages=None):
+    stages = stages if stages is not None else accel.select(device)
     num_l, num_u, crop, feat, num_classes, capacities = SHAPES[shape] if isinstance(shape, str) else shape
     gen = torch.Generator().manual_seed(seed)
     teacher_logits_u = (3 * torch.randn(num_u, num_classes, crop, crop, generator=gen)).to(device)
@@ -91,13 +94,13 @@ def make_inputs(shape: str, device: torch.device, queue_dtype: torch.dtype, seed
     rep_teacher = torch.randn(num_l + num_u, dim, feat, feat, generator=gen).to(device)
     rep_teacher = rep_teacher.contiguous(memory_format=torch.channels_last)
     prob_teacher = torch.softmax(3 * torch.randn(num_l + num_u, num_classes, feat, feat, generator=gen), 1).to(device)
-    queues = ClassQueues(num_classes, dim, capacities, device=device, dtype=queue_dtype)
+    queues = ClassQueues(num_classes, dim, capacities, device=device, dtype=queue_dtype, write=stages.queue_write)
     queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
     queues.fill.copy_(queues.capacities)
     queues.write_ptr.copy_(torch.randint(0, 1000, (num_classes,), generator=gen) % torch.tensor(capacities))
     return dict(teacher_logits_u=teacher_logits_u, student_logits_u=student_logits_u, pseudo_u=pseudo_u,
                 labels_l=labels_l, rep=rep, rep_teacher=rep_teacher, prob_teacher=prob_teacher, queues=queues,
-                num_labeled=num_l, feature_size=(feat, feat), contrastive=contrastive or {})
+                num_labeled=num_l, feature_size=(feat, feat), contrastive=contrastive or {}, stages=stages)
 
 
 def method_forward(inputs: dict, progress, generator=None):
@@ -106,12 +109,16 @@ def method_forward(inputs: dict, progress, generator=None):
     # the gradient as it is instead of copying it, which autograd does for a leaf when the tensor is shared).
     student_logits_u = inputs["student_logits_u"].view_as(inputs["student_logits_u"])
     rep = inputs["rep"].view_as(inputs["rep"])
-    rel = reliability(inputs["teacher_logits_u"], inputs["pseudo_u"], drop_percent(progress), alpha_t(progress))
-    unsup = unsup_loss_from_reliable(student_logits_u, rel.reliable_labels, rel.kept_count, rel.valid_count)
+    stages = inputs["stages"]
+    rel = reliability(inputs["teacher_logits_u"], inputs["pseudo_u"], drop_percent(progress), alpha_t(progress),
+                      stages=stages)
+    unsup = unsup_loss_from_reliable(student_logits_u, rel.reliable_labels, rel.kept_count, rel.valid_count,
+                                     stages=stages)
     labels, low, high = contrastive_inputs(inputs["labels_l"], inputs["pseudo_u"], rel.low_mask, rel.high_mask,
                                            inputs["feature_size"])
     contra = contrastive_loss(rep, inputs["rep_teacher"], inputs["prob_teacher"], labels, low, high,
-                              inputs["num_labeled"], inputs["queues"], generator=generator, **inputs["contrastive"])
+                              inputs["num_labeled"], inputs["queues"], generator=generator, stages=stages,
+                              **inputs["contrastive"])
     return unsup, contra.loss, rel.reliable_ratio
 
 
@@ -123,11 +130,14 @@ def graphed_forward(inputs: dict, recorder=None):
     graphs read as static inputs (the first two get gradients), the rest of `inputs` fixed at capture."""
     from u2pl_scale.engine.graphed import CudaRecorder, GraphCache
 
-    fixed = {k: v for k, v in inputs.items() if k not in GRAPH_INPUTS + ("queues",)}
+    fixed = {k: v for k, v in inputs.items() if k not in GRAPH_INPUTS + ("queues", "stages")}
+
+    stages = inputs["stages"]
 
     def method(fixed, *args):
         *tensors, queues, progress = args
-        return method_forward(dict(fixed, queues=queues, **dict(zip(GRAPH_INPUTS, tensors))), progress)
+        return method_forward(dict(fixed, queues=queues, stages=stages, **dict(zip(GRAPH_INPUTS, tensors))),
+                              progress)
 
     cache = GraphCache(method, recorder or CudaRecorder)
     return lambda inputs, progress, generator: cache(fixed, tuple(inputs[k] for k in GRAPH_INPUTS),
@@ -224,24 +234,25 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _count_with_triton(inputs: dict) -> int:
-    """The step's ops as a CUDA device with Triton issues them: the queue push then runs as two Triton kernels
-    (kernels.launch_triton_push) and the percentiles as one (kernels.launch_triton_percentiles), which the meta
+def _count_with_triton(shape: str) -> int:
+    """The step's ops as a CUDA device with Triton issues them (the CUDA stages): the queue push then runs as two
+    Triton kernels (launch_triton_push) and the percentiles as one (launch_triton_percentiles), which the meta
     device cannot run; here each kernel counts as one op (the push writes nothing, the percentiles are empty)."""
-    from u2pl_scale.method import kernels
+    from u2pl_scale.accel import triton_kernels as kernels
+    from u2pl_scale.accel.cuda import cuda_stages
 
     def push(*args):
-        counter.where["method/kernels.py launch_triton_push (2 Triton kernels)"] += 2
+        counter.where["accel/triton_kernels.py launch_triton_push (2 Triton kernels)"] += 2
 
     def percentiles(sorted_values, count, fractions):
-        counter.where["method/kernels.py launch_triton_percentiles (1 Triton kernel)"] += 1
+        counter.where["accel/triton_kernels.py launch_triton_percentiles (1 Triton kernel)"] += 1
         return torch.empty(len(fractions), device=sorted_values.device)
 
     saved = kernels._uses_triton, kernels.launch_triton_push, kernels.launch_triton_percentiles
     kernels._uses_triton, kernels.launch_triton_push, kernels.launch_triton_percentiles = (
         lambda tensor: True), push, percentiles
     try:
-        inputs["student_logits_u"].grad = inputs["rep"].grad = None
+        inputs = make_inputs(shape, torch.device("meta"), torch.float32, stages=cuda_stages(compiled=False))
         with _OpCounter() as counter:
             method_step(inputs, 0.1, None)
     finally:
@@ -250,18 +261,15 @@ def _count_with_triton(inputs: dict) -> int:
 
 
 def count_ops(shape: str) -> None:
-    """The kernel-launching aten ops of one eager step on the device path (forward and backward), by function.
+    """The kernel-launching aten ops of one eager step of the reference stages (forward and backward), by function.
 
-    Runs on the "meta" device (no data), where the method takes its device path as on a GPU. Views and allocations
-    are not counted; an op that launches several kernels (a sort, a scan) counts once. One warm-up step first, so
-    that tensors built once and cached (index maps) are not counted."""
+    Runs on the "meta" device (no data). Views and allocations are not counted; an op that launches several kernels
+    (a sort, a scan) counts once."""
     inputs = make_inputs(shape, torch.device("meta"), torch.float32)
-    method_step(inputs, 0.1, None)
-    inputs["student_logits_u"].grad = inputs["rep"].grad = None
     with _OpCounter() as counter:
         method_step(inputs, 0.1, None)
-    triton_ops = _count_with_triton(inputs)
-    print("| shape | device path ops per step (forward + backward, meta device) |")
+    triton_ops = _count_with_triton(shape)
+    print("| shape | reference stages' ops per step (forward + backward, meta device) |")
     print("| --- | --- |")
     print(f"| {shape} | {sum(counter.where.values())} |")
     print(f"| {shape}, CUDA with Triton (the queue push's and percentiles' kernels counted as ops) | {triton_ops} |")
@@ -273,31 +281,28 @@ def count_ops(shape: str) -> None:
 
 
 def host_cost(steps: int, warmup: int) -> None:
-    """Host time per eager step of the device path (the one a GPU runs), on CPU with one thread at tiny shapes
-    (HOST_COST_SHAPE), where kernels cost next to nothing: the time is the host's work to issue the step's ops
-    (Python, autograd, dispatch), which on a GPU whose host launches slower than the GPU runs is the eager method's
-    cost in the step. A GPU host adds its kernel-launch calls (a few us per op) on top. The CPU host path at the
-    same shapes is printed beside it."""
-    from u2pl_scale.method.paths import device_path_on_cpu
-
+    """Host time per eager step of the reference stages (which a GPU runs, but for two Triton kernels), on CPU with
+    one thread at tiny shapes (HOST_COST_SHAPE), where kernels cost next to nothing: the time is the host's work to
+    issue the step's ops (Python, autograd, dispatch), which on a GPU whose host launches slower than the GPU runs is
+    the eager method's cost in the step. A GPU host adds its kernel-launch calls (a few us per op) on top. The CPU
+    stages at the same shapes are printed beside it."""
     torch.set_num_threads(1)
     rows = []
-    for path in ("device", "host"):
+    for path in ("reference", "cpu"):
         inputs = make_inputs(HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=HOST_COST_DIM,
-                             contrastive=HOST_COST_CONTRASTIVE)
+                             contrastive=HOST_COST_CONTRASTIVE,
+                             stages=accel.select("cpu", implementation="auto" if path == "cpu" else "reference"))
         generator = torch.Generator().manual_seed(1)
-        context = device_path_on_cpu if path == "device" else contextlib.nullcontext
         times = []
-        with context():
-            for step in range(warmup + steps):
-                inputs["student_logits_u"].grad = inputs["rep"].grad = None
-                start = time.perf_counter()
-                method_step(inputs, 0.1, generator)
-                if step >= warmup:
-                    times.append(time.perf_counter() - start)
+        for step in range(warmup + steps):
             inputs["student_logits_u"].grad = inputs["rep"].grad = None
-            with _OpCounter() as counter:  # one more step, counted
-                method_step(inputs, 0.1, generator)
+            start = time.perf_counter()
+            method_step(inputs, 0.1, generator)
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+        inputs["student_logits_u"].grad = inputs["rep"].grad = None
+        with _OpCounter() as counter:  # one more step, counted
+            method_step(inputs, 0.1, generator)
         rows.append((path, sum(counter.where.values()), sorted(times)))
     print("| path | ops per step | host ms per step (median) | min ms | p90 ms |")
     print("| --- | --- | --- | --- | --- |")
@@ -316,19 +321,22 @@ def main() -> None:
     parser.add_argument("--queue-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     parser.add_argument("--count-ops", action="store_true",
-                        help="count the device path's kernel-launching ops of one step (on the meta device, so on "
+                        help="count the reference stages' kernel-launching ops of one step (on the meta device, so on "
                              "any machine): on a GPU whose host launches slower than the GPU runs, each costs "
                              "launch time in eager mode")
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None,
                         choices=COMPILE_METHOD_MODES,
                         help="the forward under torch.compile with this mode (default: reduce-overhead, CUDA graphs "
-                             "on a GPU), as train.compile_method runs it (the device path on every device; compiled "
-                             "during warm-up; its sampling draws from torch's global RNG)")
+                             "on a GPU), as train.compile_method runs it (the reference stages on every device; "
+                             "compiled during warm-up; its sampling draws from torch's global RNG)")
     parser.add_argument("--stages", action="store_true",
                         help="time the eager step's parts (reliability, unsupervised CE, feature-level inputs, "
                              "contrastive prepare, queue push, contrastive finish, backward) instead of the whole")
+    parser.add_argument("--implementation", choices=accel.IMPLEMENTATIONS, default="auto",
+                        help="the stages (train.method_implementation): auto, as the trainer picks them for the "
+                             "device, or u2pl_scale/method's reference stages")
     parser.add_argument("--host-cost", action="store_true",
-                        help="host time per eager step of the device path at tiny shapes on CPU (one thread): the "
+                        help="host time per eager step of the reference stages at tiny shapes on CPU (one thread): the "
                              "per-op host work an eager GPU step pays, measured without a GPU")
     args = parser.parse_args()
 
@@ -341,7 +349,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype))
+    stages = accel.select(device, compiled=args.compile not in (None, "cuda-graph"), implementation=args.implementation)
+    inputs = make_inputs(args.shape, device, getattr(torch, args.queue_dtype), stages=stages)
     generator = torch.Generator(device=device).manual_seed(1)
     step_kwargs = dict(generator=generator)
     if args.stages:
@@ -379,12 +388,9 @@ def main() -> None:
         sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=30))
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    from u2pl_scale.method import native
-
-    kernels = ("on" if native.library() is not None else f"off ({native._STATE.get('reason', 'U2PL_NATIVE=0')})")
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f} "
-          f"fused CPU kernels {kernels if device.type == 'cpu' else 'not used'}")
+          f"stages {stages.name}")
     print("| shape | device | queue dtype | mode | steps | timer | median s | min s | max s | p90 s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, values in (("wall", times), ("process CPU", cpu_times)):

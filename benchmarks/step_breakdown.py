@@ -65,6 +65,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from u2pl_scale import accel  # noqa: E402
 from u2pl_scale.config import COMPILE_METHOD_MODES, load_config, queue_capacities  # noqa: E402
 from u2pl_scale.data.transforms import normalize  # noqa: E402
 from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -176,6 +177,8 @@ def main() -> None:
     crop = args.crop or (513 if on_gpu else 129)
     overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
                  f"train.precision={args.precision}"]
+    if backbone != load_config(args.config).model.backbone:  # the config's multi-grid fits its own backbone only
+        overrides += ["model.multi_grid=[]"]
     if args.no_cudnn_benchmark:
         overrides += ["train.cudnn_benchmark=false"]
     if args.compile_method:
@@ -185,7 +188,9 @@ def main() -> None:
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
     cfg = load_config(args.config, overrides)
     check_method_mode(cfg.train, device)
-    sc = StepConfig.from_config(cfg)
+    stages = accel.select(device, compiled=cfg.train.compile_method and cfg.train.compile_method_mode != "cuda-graph",
+                          implementation=cfg.train.method_implementation)  # as the Trainer picks them
+    sc = StepConfig.from_config(cfg, stages)
     num_classes = cfg.data.num_classes
     torch.manual_seed(0)
     configure_cudnn(device, cfg.train.cudnn_benchmark)
@@ -200,7 +205,8 @@ def main() -> None:
     total_steps = 3 * (args.steps + args.warmup) + 1  # real, without-method and timed steps, + the FLOP count
     scheduler = build_scheduler(optimizer, 1000, cfg.optim.poly_power)
     queue_dtype = DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.method.contrastive.queue_dtype]]
-    queues = ClassQueues(num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device, dtype=queue_dtype)
+    queues = ClassQueues(num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device, dtype=queue_dtype,
+                         write=stages.queue_write)
     queues.buffer.normal_()  # steady state: full queues of unit rows
     queues.buffer.div_(queues.buffer.norm(dim=1, keepdim=True))
     queues.fill.copy_(queues.capacities)

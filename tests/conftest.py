@@ -30,62 +30,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, layer))
 
 
-def require_native_kernels():
-    """Fails the test if the fused CPU kernels (u2pl_scale/method/native.py) cannot be built where a C compiler
-    exists; skips it where none does (they are an optional accelerator)."""
-    from u2pl_scale.method import native
+@pytest.fixture(params=["cpu", "reference"])
+def method_path(request):
+    """Runs a method test with each implementation of the method's stages (u2pl_scale/method/stages.py) that runs
+    here: the CPU stages (u2pl_scale/accel/cpu.py, what the trainer takes on CPU) and the reference stages of
+    u2pl_scale/method (what a GPU runs, but for its Triton kernels, and what compiled code runs). Yields the
+    Stages."""
+    from u2pl_scale import accel
 
-    if native.library() is None:
-        if native._compiler() is None:
-            pytest.skip("no C compiler: the fused CPU kernels cannot be built here")
-        pytest.fail(f"the fused CPU kernels did not build: {native._STATE.get('reason')}")
-
-
-NATIVE_KERNELS = ("entropy", "ce_grad", "anchor_negatives", "prepare_rows", "push", "negative_mask")
-
-
-def count_kernel_calls(monkeypatch) -> dict:
-    """Wraps each wrapper of method/native.py: the returned dict counts, per kernel, the calls it handled (not
-    handed back to torch ops)."""
-    from u2pl_scale.method import native
-
-    handled = {}
-    for name in NATIVE_KERNELS:
-        def counted(*args, _name=name, _function=getattr(native, name), **kwargs):
-            result = _function(*args, **kwargs)
-            handled[_name] = handled.get(_name, 0) + (result is not None and result is not False)
-            return result
-        monkeypatch.setattr(native, name, counted)
-    return handled
-
-
-@pytest.fixture(params=["native", "torch-ops"])
-def cpu_kernels(request, monkeypatch):
-    """Runs a CPU host-path test twice: with the fused C kernels, and with the torch ops they stand in for."""
-    from u2pl_scale.method import native
-
-    monkeypatch.setattr(native, "ENABLED", request.param == "native")
-    if request.param == "native":
-        require_native_kernels()
-    return request.param
-
-
-@pytest.fixture(params=["host", "host-torch-ops", "device"])
-def method_path(request, monkeypatch):
-    """Runs a method test on every code path (u2pl_scale/method/paths.py): the CPU host path with its fused C
-    kernels (method/native.py) and with torch ops only, and the device path (the one a GPU runs) taken eagerly on
-    CPU."""
-    from u2pl_scale.method import native
-    from u2pl_scale.method.paths import device_path_on_cpu
-
-    monkeypatch.setattr(native, "ENABLED", request.param == "host")
-    if request.param == "host":
-        require_native_kernels()
-    if request.param != "device":
-        yield request.param
-    else:
-        with device_path_on_cpu():
-            yield "device"
+    return accel.select("cpu", implementation="auto" if request.param == "cpu" else "reference")
 
 
 @pytest.fixture(scope="session")

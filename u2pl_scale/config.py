@@ -189,6 +189,9 @@ class TrainConfig:
     # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds);
     # cuda-graph: no torch.compile, the eager method captured as CUDA graphs by hand (CUDA only)
     compile_method_mode: str = "reduce-overhead"
+    # auto: the method's stages as u2pl_scale/accel implements them for the device (CPU loops, Triton on CUDA);
+    # reference: u2pl_scale/method's own everywhere (same results up to float rounding, slower)
+    method_implementation: str = "auto"
     # torch.backends.cudnn.benchmark on a GPU: time each convolution's algorithms once per input shape and keep the
     # fastest (training crops have one shape; on by default, as in the published code)
     cudnn_benchmark: bool = True
@@ -229,6 +232,7 @@ COMPILE_METHOD_MODES = ("default", "reduce-overhead", "max-autotune", "max-autot
 
 _CHOICES = {
     "train.compile_method_mode": COMPILE_METHOD_MODES,
+    "train.method_implementation": ("auto", "reference"),
     "data.on_bad_sample": ("skip", "error"),
     "method.name": ("u2pl", "supervised"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from u2pl_scale import accel
 from u2pl_scale.engine.step import StepConfig, method_runs_in_profile, run_method_losses, u2pl_step
 from u2pl_scale.method.queues import ClassQueues
 from u2pl_scale.model import build_model
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("max_pairs", [None, 2000], ids=["fused-triton-push", "compacted-triton-row-copy"])
 def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs, monkeypatch):
-    """Eager pushes on CUDA run the fused Triton push (kernels.launch_triton_push); with max_pairs (2000 drops
-    nothing here) the compacted push and its Triton row copy (kernels.launch_triton). Both must have run, with no
-    fallback to torch ops (which would pass the comparison too)."""
-    from u2pl_scale.method import kernels
+    """Eager pushes with the CUDA stages run the fused Triton push (kernels.launch_triton_push); with max_pairs
+    (2000 drops nothing here) the compacted push and its Triton row copy (kernels.launch_triton). Both must have
+    run, with no fallback to torch ops (which would pass the comparison too)."""
+    from u2pl_scale.accel import triton_kernels as kernels
 
     name = "launch_triton_push" if max_pairs is None else "launch_triton"
     launches, launch = [], getattr(kernels, name)
@@ -30,9 +31,8 @@ def test_static_queue_push_on_gpu_equals_the_cpu_push(max_pairs, monkeypatch):
     g = torch.Generator().manual_seed(0)
     features = torch.randn(500, 8, generator=g)
     mask = torch.rand(500, 4, generator=g) < 0.3
-    cpu = ClassQueues(4, 8, [50, 60, 70, 80])
-    gpu = ClassQueues(4, 8, [50, 60, 70, 80], device="cuda")
-    assert gpu.compaction == "static"
+    cpu = ClassQueues(4, 8, [50, 60, 70, 80], write=accel.select("cpu").queue_write)
+    gpu = ClassQueues(4, 8, [50, 60, 70, 80], device="cuda", write=accel.select("cuda").queue_write)
     for _ in range(3):
         cpu.push(features, mask)
         gpu.push(features.cuda(), mask.cuda(), max_pairs=max_pairs)
@@ -46,8 +46,8 @@ def test_triton_percentiles_on_gpu_equal_the_torch_ops_and_numpy(monkeypatch):
     against the torch ops on the same GPU and numpy.percentile; and no valid entry gives +inf."""
     import numpy as np
 
-    from u2pl_scale.method import kernels
-    from u2pl_scale.method.reliability import _percentiles_and_count
+    from u2pl_scale.accel import triton_kernels as kernels
+    from u2pl_scale.accel.cuda import percentiles_and_count as _percentiles_and_count
 
     g = torch.Generator().manual_seed(0)
     values = torch.rand(300001, generator=g) * 4
@@ -77,8 +77,9 @@ def test_u2pl_step_does_not_synchronise_with_the_host(mode):
     device = torch.device("cuda")
     student = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
     teacher = build_model(cfg.model, 6).to(device).to(memory_format=torch.channels_last)
-    queues = ClassQueues(6, cfg.model.rep_dim, 2000, device=device)
-    sc = StepConfig.from_config(cfg)
+    stages = accel.select(device, compiled=mode is not None)
+    queues = ClassQueues(6, cfg.model.rep_dim, 2000, device=device, write=stages.queue_write)
+    sc = StepConfig.from_config(cfg, stages)
     x_l = torch.randn(2, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     x_u = torch.randn(2, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     y_l = torch.randint(0, 6, (2, 64, 64), device=device)
@@ -103,7 +104,8 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
     finite and positive. The same queues feed both, copied before each step."""
     from method_inputs import make_inputs, step_config
 
-    sc_graphs, sc_plain = step_config(), step_config()
+    stages = accel.select("cuda", compiled=True)
+    sc_graphs, sc_plain = step_config(stages), step_config(stages)
     sc_graphs.compile_method_mode, sc_plain.compile_method_mode = "reduce-overhead", "default"
     queues = {"graphs": None, "plain": None}
     for step, progress in enumerate((0.1, 0.5, 0.9)):
@@ -113,7 +115,7 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
         for name, sc in (("graphs", sc_graphs), ("plain", sc_plain)):
             if queues[name] is None:
                 queues[name] = ClassQueues(cpu_queues.num_classes, cpu_queues.dim, cpu_queues.capacity_list,
-                                           device="cuda")
+                                           device="cuda", write=stages.queue_write)
                 queues[name].load_state_dict({k: v.cuda() for k, v in cpu_queues.state_dict().items()})
             pred = inputs[0].detach().clone().requires_grad_()
             rep = inputs[1].detach().clone().requires_grad_()
@@ -142,6 +144,9 @@ def test_method_replayed_as_cuda_graphs_reads_each_steps_inputs_and_updates_the_
         assert torch.isfinite(graphs["contra"]) and graphs["contra"] > 0
 
 
+CUDA_EAGER = accel.select("cuda") if torch.cuda.is_available() else None  # the stages an eager (or captured) step takes
+
+
 def _captured_against_eager(runs: dict, check_profile=None) -> None:
     """runs = {"graph": fn, "eager": fn}, fn(inputs, queues, progress) -> (unsup, contra, reliable ratio): three
     steps with new inputs each and the same seeds, each on its own CUDA copy of test_graphed_method's queues.
@@ -152,7 +157,8 @@ def _captured_against_eager(runs: dict, check_profile=None) -> None:
     template = big_queues()
     queues = {}
     for name in runs:
-        queues[name] = ClassQueues(template.num_classes, template.dim, template.capacity_list, device="cuda")
+        queues[name] = ClassQueues(template.num_classes, template.dim, template.capacity_list, device="cuda",
+                                   write=CUDA_EAGER.queue_write)
         queues[name].load_state_dict({k: v.cuda() for k, v in template.state_dict().items()})
     for step, progress in enumerate((0.1, 0.5, 0.9)):
         inputs = [t.cuda() for t in make_inputs(step, 0)[:7]]
@@ -188,7 +194,7 @@ def test_method_captured_by_hand_replays_the_eager_method():
     replayed steps do not synchronise with the host and launch the graphs, not the eager ops."""
     from method_inputs import step_config
 
-    sc_graph, sc_eager = step_config(), step_config()
+    sc_graph, sc_eager = step_config(CUDA_EAGER), step_config(CUDA_EAGER)
     sc_graph.compile_method_mode, sc_eager.compile_method = "cuda-graph", False
 
     def check_profile(prof):
@@ -208,7 +214,7 @@ def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eag
     from u2pl_scale.engine.graphed import GraphCache
     from u2pl_scale.engine.step import method_losses
 
-    sc = step_config()
+    sc = step_config(CUDA_EAGER)
     cache = GraphCache(method_losses, parts=split_parts(), world=2)
     _captured_against_eager({"graph": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
                              "eager": eager_with_duplicated_push(sc)})

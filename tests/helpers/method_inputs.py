@@ -1,5 +1,5 @@
 """Method inputs shared by the method-path tests (tests/integration/test_compile_method.py,
-test_graphed_method.py, tests/unit/test_kernels.py, tests/gpu/test_gpu.py): a small step config, student/teacher
+test_graphed_method.py, tests/unit/test_accel_triton.py, tests/gpu/test_gpu.py): a small step config, student/teacher
 outputs with full queues, larger queues, and the two-rank split of the graphed method played in one process."""
 from pathlib import Path
 
@@ -8,21 +8,24 @@ import torch
 from u2pl_scale.config import load_config
 from u2pl_scale.engine.step import StepConfig
 from u2pl_scale.method.queues import ClassQueues
+from u2pl_scale.method.stages import REFERENCE, Stages
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, DIM, CROP, FEAT = 5, 16, 33, 9
 CAPACITIES = [40] + [30] * (CLASSES - 1)
 
 
-def step_config() -> StepConfig:
+def step_config(stages: Stages = REFERENCE) -> StepConfig:
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.num_classes={CLASSES}", "train.compile_method=true",
                                                        "method.contrastive.num_anchors=8",
                                                        "method.contrastive.num_negatives=6"])
-    return StepConfig.from_config(cfg)
+    return StepConfig.from_config(cfg, stages)
 
 
-def make_inputs(seed: int, queue_seed: int, num_labeled: int = 2, num_unlabeled: int = 2):
-    """Student/teacher outputs as method_losses receives them, and full queues with their pointers mid-ring."""
+def make_inputs(seed: int, queue_seed: int, num_labeled: int = 2, num_unlabeled: int = 2,
+                stages: Stages = REFERENCE):
+    """Student/teacher outputs as method_losses receives them, and full queues (written by `stages`' write) with
+    their pointers mid-ring."""
     gen = torch.Generator().manual_seed(seed)
     batch = num_labeled + num_unlabeled
     pred = torch.randn(batch, CLASSES, FEAT, FEAT, generator=gen).requires_grad_()
@@ -35,20 +38,20 @@ def make_inputs(seed: int, queue_seed: int, num_labeled: int = 2, num_unlabeled:
     pseudo_u[:, -2:] = 255
     prob_t = torch.softmax(3 * torch.randn(batch, CLASSES, FEAT, FEAT, generator=gen), 1)
     rep_t = torch.randn(batch, DIM, FEAT, FEAT, generator=gen).contiguous(memory_format=torch.channels_last)
-    queues = ClassQueues(CLASSES, DIM, CAPACITIES)
+    queues = ClassQueues(CLASSES, DIM, CAPACITIES, write=stages.queue_write)
     gen = torch.Generator().manual_seed(queue_seed)  # the same on every rank, as the queues are in training
     queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
     queues.fill.copy_(queues.capacities)
     queues.write_ptr.copy_((torch.rand(CLASSES, generator=gen) * queues.capacities).long())
-    queues.buffer[-1] = 0  # the scratch row, which only the device path's padded writes touch
+    queues.buffer[-1] = 0  # the scratch row, which only the compacted write's padding touches
     return pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues
 
 
-def big_queues():
+def big_queues(stages: Stages = REFERENCE):
     """Queues larger than one step's push (the test helper's small ones are overwritten whole by every push,
     which would hide pushes that should not have happened), full, pointers mid-ring."""
     gen = torch.Generator().manual_seed(7)
-    queues = ClassQueues(CLASSES, DIM, [1200] + [1000] * (CLASSES - 1))
+    queues = ClassQueues(CLASSES, DIM, [1200] + [1000] * (CLASSES - 1), write=stages.queue_write)
     queues.buffer.copy_(torch.nn.functional.normalize(torch.randn(queues.buffer.shape, generator=gen), dim=1))
     queues.buffer[-1] = 0
     queues.fill.copy_(queues.capacities)

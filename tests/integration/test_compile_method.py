@@ -1,9 +1,9 @@
-"""train.compile_method: the method losses under torch.compile, on CPU; and the eager device path on CPU.
+"""train.compile_method: the method losses under torch.compile, on CPU; and the eager reference stages on CPU.
 
-Compiled code takes the method's device path (u2pl_scale/method/paths.py), the one a GPU runs, while eager CPU code
-takes the host path. So comparing the two here also checks, on CPU, that both paths compute the same losses,
-gradients and queues. Inductor is asked to draw random numbers with torch's eager ops (fallback_random) so both
-sample the same anchors and negatives.
+Compiled code takes the method's reference stages (u2pl_scale/method, what a GPU runs but for two Triton kernels),
+while the eager trainer on CPU takes the CPU stages (u2pl_scale/accel/cpu.py). So comparing the two here also
+checks, in a whole method step, that both compute the same losses, gradients and queues. Inductor is asked to draw
+random numbers with torch's eager ops (fallback_random) so both sample the same anchors and negatives.
 """
 import os
 
@@ -17,13 +17,17 @@ from torch._inductor import config as inductor_config
 
 from method_inputs import make_inputs, step_config
 from net import free_port
+from u2pl_scale import accel
 from u2pl_scale.engine.step import method_runs_in_graph, run_method_losses
-from u2pl_scale.method.paths import device_path_on_cpu
+from u2pl_scale.method.stages import REFERENCE
 
 
-def run(compiled: bool, seed: int, progress: float):
-    pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(seed, seed)
-    sc = step_config()
+def run(compiled: bool, seed: int, progress: float, stages=None):
+    """One method step; eager with the CPU stages unless `stages` says otherwise, compiled with the reference
+    stages (as accel.select chooses for compiled code)."""
+    stages = stages or accel.select("cpu", compiled=compiled)
+    pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(seed, seed, stages=stages)
+    sc = step_config(stages)
     torch.manual_seed(1000 + seed)
     sc.compile_method = compiled
     unsup, contra, reliable = run_method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues,
@@ -44,14 +48,13 @@ def assert_same(eager: dict, compiled: dict):
         assert torch.equal(compiled[key], eager[key]), key
 
 
-def test_eager_device_path_matches_the_host_path():
-    """The path a GPU runs in eager mode (static queue push, sort-based percentiles, rank keys, one-hot prototype
-    sums, no pooled buffers), run eagerly on CPU, against the CPU host path: same losses, gradients and queues."""
+def test_eager_reference_stages_match_the_cpu_stages():
+    """The reference stages (compacted queue write, sort-based percentiles and ranks, one-hot prototype sums, no
+    pooled buffers), run eagerly on CPU, against the CPU stages: same losses, gradients and queues."""
     for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
-        host = run(False, seed, progress)
-        with device_path_on_cpu():
-            device = run(False, seed, progress)
-        assert_same(host, device)
+        cpu = run(False, seed, progress)
+        assert accel.select("cpu").name == "cpu"
+        assert_same(cpu, run(False, seed, progress, stages=REFERENCE))
 
 
 def test_compiled_method_is_one_graph_that_matches_the_eager_host_path():
@@ -76,9 +79,11 @@ def _rank_worker(rank: int, port: int, out_dir: str):
         results = {}
         with inductor_config.patch(fallback_random=True):
             for compiled in (False, True):
-                pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(10 + rank, 10)
+                stages = accel.select("cpu", compiled=compiled)
+                pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(10 + rank, 10,
+                                                                                          stages=stages)
                 torch.manual_seed(7)
-                sc = step_config()
+                sc = step_config(stages)
                 sc.compile_method = compiled
                 unsup, contra, _ = run_method_losses(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
                                                      queues, 0.3)

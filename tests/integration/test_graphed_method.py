@@ -12,7 +12,6 @@ from method_inputs import big_queues, eager_with_duplicated_push, make_inputs, s
 from u2pl_scale.config import ConfigError, load_config
 from u2pl_scale.engine.graphed import GraphCache, RerunRecorder
 from u2pl_scale.engine.step import check_method_mode, method_losses, method_runs_in_graph, run_method_losses
-from u2pl_scale.method.paths import device_path_on_cpu
 
 from pathlib import Path
 
@@ -33,15 +32,15 @@ def _step(fn, seed: int, queues, progress: float):
     unsup, contra, reliable = fn((pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t), queues, progress)
     runs = method_runs_in_graph(2.0 * unsup + 0.5 * contra)
     (2.0 * unsup + 0.5 * contra).backward()
-    return dict(runs=runs, unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(), grad_pred=pred.grad,
-                grad_rep=rep.grad, buffer=queues.buffer[:-1].clone(), write_ptr=queues.write_ptr.clone(),
+    return dict(runs=runs, unsup=unsup.detach(), contra=contra.detach(), reliable=reliable.detach(),
+                grad_pred=pred.grad, grad_rep=rep.grad, buffer=queues.buffer[:-1].clone(), write_ptr=queues.write_ptr.clone(),
                 fill=queues.fill.clone())
 
 
 def test_replayed_method_equals_the_eager_method_step_by_step():
     """Three steps with new inputs and progress each, the same seeds: losses, gradients (with loss weights, so the
-    backward's incoming gradients matter) and queues equal to the eager device path's, although capturing ran
-    the method twice more (warm-up) on the first step's inputs."""
+    backward's incoming gradients matter) and queues equal to those of the eager reference stages, although
+    capturing ran the method twice more (warm-up) on the first step's inputs."""
     sc = step_config()
     cache = GraphCache(method_losses, recorder=RerunRecorder)
     queues = {"eager": big_queues(), "graphed": big_queues()}
@@ -50,17 +49,16 @@ def test_replayed_method_equals_the_eager_method_step_by_step():
         "graphed": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
     }
     pointers = queues["eager"].write_ptr.clone()
-    with device_path_on_cpu():
-        for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
-            results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
-            eager, graphed = results["eager"], results["graphed"]
-            assert_same_step(eager, graphed, seed)
-            assert eager["contra"] > 0 and eager["grad_rep"].abs().sum() > 0
-            assert not torch.equal(eager["write_ptr"], pointers), "nothing was pushed"
-            # what the step benchmark's probes read: the replayed method, not the eager one
-            assert graphed["runs"] == {"compiled": 0, "captured": 1, "eager": 0}, graphed["runs"]
-            assert eager["runs"] == {"compiled": 0, "captured": 0, "eager": 1}, eager["runs"]
-            pointers = eager["write_ptr"]
+    for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
+        results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
+        eager, graphed = results["eager"], results["graphed"]
+        assert_same_step(eager, graphed, seed)
+        assert eager["contra"] > 0 and eager["grad_rep"].abs().sum() > 0
+        assert not torch.equal(eager["write_ptr"], pointers), "nothing was pushed"
+        # what the step benchmark's probes read: the replayed method, not the eager one
+        assert graphed["runs"] == {"compiled": 0, "captured": 1, "eager": 0}, graphed["runs"]
+        assert eager["runs"] == {"compiled": 0, "captured": 0, "eager": 1}, eager["runs"]
+        pointers = eager["write_ptr"]
     assert cache.captures == 1  # one input signature
 
 
@@ -68,12 +66,11 @@ def test_a_new_input_signature_is_captured_anew_and_old_ones_are_kept():
     sc = step_config()
     cache = GraphCache(method_losses, recorder=RerunRecorder)
     queues = make_inputs(0, 0)[-1]
-    with device_path_on_cpu():
-        for labeled, unlabeled in ((2, 2), (1, 2), (2, 2)):
-            pred, rep, *rest, _ = make_inputs(0, 0, num_labeled=labeled, num_unlabeled=unlabeled)
-            unsup, contra, _ = cache(sc, (pred, rep, *rest), queues, 0.3)
-            (unsup + contra).backward()
-            assert pred.grad.shape == pred.shape and rep.grad.shape == rep.shape
+    for labeled, unlabeled in ((2, 2), (1, 2), (2, 2)):
+        pred, rep, *rest, _ = make_inputs(0, 0, num_labeled=labeled, num_unlabeled=unlabeled)
+        unsup, contra, _ = cache(sc, (pred, rep, *rest), queues, 0.3)
+        (unsup + contra).backward()
+        assert pred.grad.shape == pred.shape and rep.grad.shape == rep.shape
     assert cache.captures == 2 and len(cache.graphs) == 2
 
 
@@ -83,13 +80,12 @@ def test_the_replayed_outputs_are_copies_of_the_graphs_static_outputs():
     sc = step_config()
     cache = GraphCache(method_losses, recorder=RerunRecorder)
     queues = make_inputs(0, 0)[-1]
-    with device_path_on_cpu():
-        first = cache(sc, make_inputs(0, 0)[:7], queues, 0.2)
-        (graphed,) = cache.graphs.values()
-        static = graphed.stages[0].out
-        assert all(t.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for t, s in zip(first, static))
-        kept = [t.clone() for t in first]
-        cache(sc, make_inputs(1, 0)[:7], queues, 0.2)
+    first = cache(sc, make_inputs(0, 0)[:7], queues, 0.2)
+    (graphed,) = cache.graphs.values()
+    static = graphed.stages[0].out
+    assert all(t.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for t, s in zip(first, static))
+    kept = [t.clone() for t in first]
+    cache(sc, make_inputs(1, 0)[:7], queues, 0.2)
     for t, k in zip(first, kept):
         assert torch.equal(t, k)
 
@@ -129,10 +125,9 @@ def _rank_worker(rank: int, port: int, out_dir: str):
             "graphed": lambda inputs, queues, progress: cache(sc, inputs, queues, progress),
         }
         results = []
-        with device_path_on_cpu():
-            for step, progress in enumerate((0.1, 0.45, 0.8)):
-                results.append({name: _step(fn, 10 * rank + step, queues[name], progress)
-                                for name, fn in runs.items()})
+        for step, progress in enumerate((0.1, 0.45, 0.8)):
+            results.append({name: _step(fn, 10 * rank + step, queues[name], progress)
+                            for name, fn in runs.items()})
         (graphed,) = cache.graphs.values()
         results.append({"split": graphed.split, "stages": len(graphed.stages)})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -173,10 +168,9 @@ def test_the_captures_belong_to_their_queues_and_go_with_them():
     first, second = big_queues(), big_queues()
     for queues in (first, second):  # the CPU stand-in for the graphs, as run_method_losses would build the cache
         queues.__dict__["graph_cache"] = graphed_module.GraphCache(method_losses, recorder=RerunRecorder)
-    with device_path_on_cpu():
-        for queues in (first, second, first):
-            unsup, contra, _ = run_method_losses(sc, *make_inputs(0, 0)[:7], queues, 0.3)
-            (unsup + contra).backward()
+    for queues in (first, second, first):
+        unsup, contra, _ = run_method_losses(sc, *make_inputs(0, 0)[:7], queues, 0.3)
+        (unsup + contra).backward()
     assert graphed_method_losses(first) is not graphed_method_losses(second)
     assert graphed_method_losses(first).captures == 1 and graphed_method_losses(second).captures == 1
     (captured,) = graphed_method_losses(first).graphs.values()
@@ -195,9 +189,8 @@ def test_the_two_graph_split_in_one_process_equals_the_eager_method_with_the_sam
     queues = {"eager": big_queues(), "graphed": big_queues()}
     runs = {"eager": eager_with_duplicated_push(sc),
             "graphed": lambda inputs, queues, progress: cache(sc, inputs, queues, progress)}
-    with device_path_on_cpu():
-        for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
-            results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
-            assert_same_step(results["eager"], results["graphed"], seed)
+    for seed, progress in ((0, 0.1), (1, 0.45), (2, 0.8)):
+        results = {name: _step(fn, seed, queues[name], progress) for name, fn in runs.items()}
+        assert_same_step(results["eager"], results["graphed"], seed)
     (graphed,) = cache.graphs.values()
     assert graphed.split and len(graphed.stages) == 2

@@ -1,7 +1,7 @@
-"""benchmarks/method_overhead.py's GPU-free measures of the eager device path: its op count on the meta device
-(--count-ops) and its host time on CPU (--host-cost, which runs the device path through paths.device_path_on_cpu).
-The two run the method on different devices and count independently: equal counts show that the CPU run takes
-the path a GPU takes, op for op."""
+"""benchmarks/method_overhead.py's GPU-free measures of the eager reference stages: their op count on the meta
+device (--count-ops) and their host time on CPU (--host-cost, which runs the reference stages there). The two run
+the method on different devices and count independently: equal counts show that the CPU run takes the path a GPU
+takes (but for its Triton kernels), op for op."""
 import re
 import subprocess
 import sys
@@ -17,13 +17,13 @@ def run(*args: str) -> str:
     return done.stdout
 
 
-def test_host_cost_runs_the_device_path_op_for_op():
+def test_host_cost_runs_the_reference_stages_op_for_op():
     meta = run("--count-ops")
     meta_ops = int(re.search(r"^\| voc \| (\d+) \|$", meta, re.M).group(1))
     host_cost = run("--host-cost", "--steps", "20", "--warmup", "2")
-    rows = dict(re.findall(r"^\| (device|host) \| (\d+) \| [\d.]+ \|", host_cost, re.M))
-    assert int(rows["device"]) == meta_ops
-    assert int(rows["host"]) != meta_ops  # the CPU host path is a different sequence of ops
+    rows = dict(re.findall(r"^\| (reference|cpu) \| (\d+) \| [\d.]+ \|", host_cost, re.M))
+    assert int(rows["reference"]) == meta_ops
+    assert int(rows["cpu"]) != meta_ops  # the CPU stages are a different sequence of ops
     assert 100 < meta_ops < 400
 
 
@@ -35,22 +35,21 @@ def test_the_benchmarks_hand_captured_method_replays_the_eager_one():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import method_overhead as mo
     from u2pl_scale.engine.graphed import RerunRecorder
-    from u2pl_scale.method.paths import device_path_on_cpu
+    from u2pl_scale.method.stages import REFERENCE
 
     results = {}
-    with device_path_on_cpu():
-        for name in ("eager", "graphed"):
-            inputs = mo.make_inputs(mo.HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=mo.HOST_COST_DIM,
-                                    contrastive=mo.HOST_COST_CONTRASTIVE)
-            forward = mo.graphed_forward(inputs, RerunRecorder) if name == "graphed" else mo.method_forward
-            steps = []
-            for step in range(3):
-                inputs["student_logits_u"].grad = inputs["rep"].grad = None
-                torch.manual_seed(step)
-                out = mo.method_step(inputs, 0.1 + 0.3 * step, forward=forward)
-                steps.append([out["unsup"].detach(), out["contra"].detach(), inputs["student_logits_u"].grad.clone(),
-                              inputs["rep"].grad.clone(), inputs["queues"].write_ptr.clone()])
-            results[name] = steps
+    for name in ("eager", "graphed"):
+        inputs = mo.make_inputs(mo.HOST_COST_SHAPE, torch.device("cpu"), torch.float32, dim=mo.HOST_COST_DIM,
+                                contrastive=mo.HOST_COST_CONTRASTIVE, stages=REFERENCE)
+        forward = mo.graphed_forward(inputs, RerunRecorder) if name == "graphed" else mo.method_forward
+        steps = []
+        for step in range(3):
+            inputs["student_logits_u"].grad = inputs["rep"].grad = None
+            torch.manual_seed(step)
+            out = mo.method_step(inputs, 0.1 + 0.3 * step, forward=forward)
+            steps.append([out["unsup"].detach(), out["contra"].detach(), inputs["student_logits_u"].grad.clone(),
+                          inputs["rep"].grad.clone(), inputs["queues"].write_ptr.clone()])
+        results[name] = steps
     for eager, graphed in zip(results["eager"], results["graphed"]):
         for e, g in zip(eager, graphed):
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)

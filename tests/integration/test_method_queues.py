@@ -1,6 +1,7 @@
 """ClassQueues against a slow reference (one Python deque per class), locally and on 2 gloo ranks
-(U2PL_SPEC.md section 6: FIFO queues, push before sampling, identical queues on every rank). The CPU pushes run
-with the fused C kernel and with torch ops (fixture cpu_kernels)."""
+(U2PL_SPEC.md section 6: FIFO queues, push before sampling, identical queues on every rank). The pushes run with
+each write stage that runs here (fixture method_path): the CPU's host-side copy and the reference's compacted
+write."""
 
 import os
 from collections import deque
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from net import free_port
+from u2pl_scale import accel
 from u2pl_scale.method.queues import ClassQueues
 
 
@@ -35,12 +37,10 @@ def unique_features(num, dim, start):
     return ids + 0.5 * torch.arange(dim, dtype=torch.float32)[None, :]
 
 
-@pytest.mark.parametrize("compaction", ["exact", "static"])
-def test_random_pushes_match_deque_reference_with_wraparound(compaction, cpu_kernels):
+def test_random_pushes_match_deque_reference_with_wraparound(method_path):
     gen = torch.Generator().manual_seed(0)
     capacities = [5, 3, 8, 1]
-    queues = ClassQueues(4, 3, capacities)
-    queues.compaction = compaction
+    queues = ClassQueues(4, 3, capacities, write=method_path.queue_write)
     deques = [deque(maxlen=c) for c in capacities]
     start = 0
     for step in range(12):
@@ -54,14 +54,14 @@ def test_random_pushes_match_deque_reference_with_wraparound(compaction, cpu_ker
     assert int(queues.dropped_pairs) == 0
 
 
-def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them(cpu_kernels):
+def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them(method_path):
     """6 rows into every class of capacities [5, 3, 8, 1]: kept pairs 5 + 3 + 6 + 1 = 15 in class-major order.
     With max_pairs=10 the first 10 are written (class 0's 5, class 1's 3, class 2's first 2) and 5 are counted as
-    dropped; pointers and fill advance as if all were written. max_pairs=15 writes all, as the exact push does."""
+    dropped; pointers and fill advance as if all were written. max_pairs=15 writes all, as the CPU's host-side push
+does (every write stage compacts when given max_pairs)."""
     features = unique_features(6, 2, 0)
     mask = torch.ones(6, 4, dtype=torch.bool)
-    small = ClassQueues(4, 2, [5, 3, 8, 1])
-    small.compaction = "static"
+    small = ClassQueues(4, 2, [5, 3, 8, 1], write=method_path.queue_write)
     small.push(features, mask, max_pairs=10)
     assert int(small.dropped_pairs) == 5
     assert small.buffer[0:5, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]  # the newest 5 of 6, from slot 0
@@ -69,8 +69,8 @@ def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them
     assert small.buffer[8:10, 0].tolist() == [0.0, 1.0]
     assert small.buffer[10:17, 0].tolist() == [0.0] * 7  # class 2's other slots and class 3's were not written
     assert small.write_ptr.tolist() == [0, 0, 6, 0] and small.fill.tolist() == [5, 3, 6, 1]
-    exact, enough = ClassQueues(4, 2, [5, 3, 8, 1]), ClassQueues(4, 2, [5, 3, 8, 1])
-    enough.compaction = "static"
+    exact = ClassQueues(4, 2, [5, 3, 8, 1], write=accel.select("cpu").queue_write)
+    enough = ClassQueues(4, 2, [5, 3, 8, 1], write=method_path.queue_write)
     exact.push(features, mask)
     enough.push(features, mask, max_pairs=15)
     assert int(enough.dropped_pairs) == 0
@@ -78,8 +78,8 @@ def test_static_push_with_a_small_max_pairs_drops_the_last_pairs_and_counts_them
         assert torch.equal(value, enough.state_dict()[key]), key
 
 
-def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer(cpu_kernels):
-    queues = ClassQueues(2, 2, [3, 4])
+def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer(method_path):
+    queues = ClassQueues(2, 2, [3, 4], write=method_path.queue_write)
     features = unique_features(7, 2, 0)
     mask = torch.zeros(7, 2, dtype=torch.bool)
     mask[:, 0] = True  # 7 keys into a queue of 3
@@ -93,8 +93,8 @@ def test_more_than_capacity_in_one_push_keeps_newest_and_moves_pointer(cpu_kerne
     assert sorted(queues.class_features(0)[:, 0].tolist()) == [5.0, 6.0, 100.0]
 
 
-def test_hand_ring_positions(cpu_kernels):
-    queues = ClassQueues(1, 1, [4])
+def test_hand_ring_positions(method_path):
+    queues = ClassQueues(1, 1, [4], write=method_path.queue_write)
     queues.push(torch.tensor([[1.0], [2.0], [3.0]]), torch.ones(3, 1, dtype=torch.bool))
     queues.push(torch.tensor([[4.0], [5.0]]), torch.ones(2, 1, dtype=torch.bool))
     # ring [5, 2, 3, 4]; pointer at 1; scratch row untouched
@@ -152,7 +152,7 @@ def rank_inputs(rank, step):
 def _worker(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        queues = ClassQueues(len(CAPACITIES), DIM, CAPACITIES)
+        queues = ClassQueues(len(CAPACITIES), DIM, CAPACITIES, write=accel.select("cpu").queue_write)  # the trainer's
         for step in range(STEPS):
             features, mask = rank_inputs(rank, step)
             queues.push_distributed(features, mask)

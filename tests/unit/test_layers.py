@@ -1,14 +1,18 @@
 """The package's import structure (issue 23): no import circle between its modules, counting imports inside
 functions too, and no module importing from a higher layer: base (config, dist, atomic, precision) < data, model,
-method < engine < inference < entry. Read from the source with ast, so it covers code no test happens to run."""
+method < accel < engine < inference < entry. Read from the source with ast, so it covers code no test happens to
+run. And method/ is plain maths: no environment reads, caches, threads, compiled libraries or kernels."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "u2pl_scale"
-LAYERS = {"config": 0, "dist": 0, "atomic": 0, "precision": 0, "data": 1, "model": 1, "method": 1, "engine": 2,
-          "inference": 3, "entry": 4}
+LAYERS = {"config": 0, "dist": 0, "atomic": 0, "precision": 0, "data": 1, "model": 1, "method": 1, "accel": 1.5,
+          "engine": 2, "inference": 3, "entry": 4}
+# what u2pl_scale/method must not use: the process-global or device-specific machinery that u2pl_scale/accel holds
+NOT_IN_METHOD = ("os.environ", "getenv", "lru_cache", "functools.cache", "import threading", "ctypes",
+                 "import triton", "torch.cuda", "set_num_threads", "global ", "_POOL")
 
 
 def module_name(path: Path) -> str:
@@ -79,6 +83,13 @@ def test_no_import_circle():
 
 def test_no_import_from_a_higher_layer():
     assert upward(graph()) == []
+
+
+def test_method_holds_no_process_state_and_no_device_knowledge():
+    found = [(path.name, word) for path in sorted((PACKAGE / "method").glob("*.py"))
+             for word in NOT_IN_METHOD if word in path.read_text()]
+    assert found == []
+    assert not list((PACKAGE / "method").glob("*.c"))
 
 
 def test_the_checks_find_a_planted_circle_and_an_upward_import(tmp_path, monkeypatch):

@@ -40,9 +40,9 @@ def test_toy_push_happens_before_sampling_and_loss_matches_hand_reference(method
     gen = torch.Generator().manual_seed(0)
     rep = torch.randn(2, 4, 2, 2, generator=gen, requires_grad=True)
     rep_teacher = torch.randn(2, 4, 2, 2, generator=gen)
-    queues = ClassQueues(2, 4, [5, 5])
+    queues = ClassQueues(2, 4, [5, 5], write=method_path.queue_write)
     out = contrastive_loss(rep, rep_teacher, prob, labels, low, high, 1, queues, low_rank=1, high_rank=2,
-                           num_anchors=6, num_negatives=3, generator=gen)
+                           num_anchors=6, num_negatives=3, generator=gen, stages=method_path)
     teacher_rows = F.normalize(rep_teacher.permute(0, 2, 3, 1).reshape(8, 4), dim=1)
     assert torch.allclose(queues.class_features(0), teacher_rows[[1, 6]])
     assert torch.allclose(queues.class_features(1), teacher_rows[[7]])
@@ -95,7 +95,7 @@ def slow_masks(prob, labels, low, high, num_labeled, c, low_rank, high_rank):
 
 def test_masks_with_tied_probabilities_match_the_slow_reference(method_path):
     """Values from a set of four, so most pixels have ties at the rank boundaries: ties rank the lower class
-    first on both paths (the CPU's rounds over values with the tied pixels redone from keys; the device path's
+    first with both stages (the CPU's rounds over values with the tied pixels redone from keys; the reference's
     stable sort)."""
     gen = torch.Generator().manual_seed(11)
     classes, h, w, low_rank, high_rank = 7, 6, 5, 3, 5
@@ -105,7 +105,7 @@ def test_masks_with_tied_probabilities_match_the_slow_reference(method_path):
     labels[1, 0] = 255
     low = torch.rand(4, h, w, generator=gen) < 0.6
     high = torch.rand(4, h, w, generator=gen) < 0.7
-    masks = contrastive_masks(prob, labels, low, high, 2, low_rank=low_rank, high_rank=high_rank)
+    masks = contrastive_masks(prob, labels, low, high, 2, low_rank=low_rank, high_rank=high_rank, stages=method_path)
     ties = 0
     for c in range(classes):
         label_low, anchor, negative = slow_masks(prob, labels, low, high, 2, c, low_rank, high_rank)
@@ -127,17 +127,18 @@ def test_random_case_matches_slow_reference_with_the_same_indices(method_path):
     high = (torch.rand(4, h, w, generator=gen) < 0.5) & (labels != 255)
     rep = torch.randn(4, dim, h, w, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
     rep_teacher = torch.randn(4, dim, h, w, generator=gen)
-    queues = ClassQueues(classes, dim, [40, 7, 9, 30, 5, 6])
+    queues = ClassQueues(classes, dim, [40, 7, 9, 30, 5, 6], write=method_path.queue_write)
     old = F.normalize(torch.randn(3, dim, generator=gen), dim=1)
     queues.push(old, torch.tensor([[0, 0, 1, 0, 0, 0]] * 3, dtype=torch.bool))
     old_fill = queues.fill.clone()
 
     out = contrastive_loss(rep, rep_teacher, prob, labels, low, high, 2, queues, low_rank=low_rank,
-                           high_rank=high_rank, num_anchors=7, num_negatives=3, temperature=0.5, generator=gen)
+                           high_rank=high_rank, num_anchors=7, num_negatives=3, temperature=0.5, generator=gen,
+                           stages=method_path)
 
     rows = rep.permute(0, 2, 3, 1).reshape(-1, dim)  # with grad, for the gradient check below
     teacher_rows = rep_teacher.permute(0, 2, 3, 1).reshape(-1, dim)
-    masks = contrastive_masks(prob, labels, low, high, 2, low_rank=low_rank, high_rank=high_rank)
+    masks = contrastive_masks(prob, labels, low, high, 2, low_rank=low_rank, high_rank=high_rank, stages=method_path)
     present, terms = 0, []
     for c in range(classes):
         label_low, anchor, negative = slow_masks(prob, labels, low, high, 2, c, low_rank, high_rank)
@@ -185,9 +186,9 @@ def test_fewer_than_two_classes_gives_zero_with_graph(method_path):
     labels = torch.zeros(2, 3, 3, dtype=torch.long)
     mask = torch.ones(2, 3, 3, dtype=torch.bool)
     rep = torch.randn(2, 4, 3, 3, generator=gen, requires_grad=True)
-    queues = ClassQueues(3, 4, 10)
+    queues = ClassQueues(3, 4, 10, write=method_path.queue_write)
     out = contrastive_loss(rep, torch.randn(2, 4, 3, 3, generator=gen), prob, labels, mask, mask, 1, queues,
-                           num_anchors=4, num_negatives=2, generator=gen)
+                           num_anchors=4, num_negatives=2, generator=gen, stages=method_path)
     assert out.loss.item() == 0.0 and out.loss.grad_fn is not None and out.num_present.item() == 1
     out.loss.backward()
     assert torch.equal(rep.grad, torch.zeros_like(rep))
@@ -204,21 +205,22 @@ def test_contrastive_inputs_mark_labeled_pixels_low_and_high():
     assert high.tolist() == [[[True, False], [True, True]], [[False, True], [True, False]]]
 
 
-def test_contrastive_loss_is_fp32_under_autocast():
+def test_contrastive_loss_is_fp32_under_autocast(method_path):
     prob, labels, low, high = toy_case()
     gen = torch.Generator().manual_seed(0)
     rep = torch.randn(2, 4, 2, 2, generator=gen).bfloat16().requires_grad_()
-    queues = ClassQueues(2, 4, [5, 5])
+    queues = ClassQueues(2, 4, [5, 5], write=method_path.queue_write)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = contrastive_loss(rep, torch.randn(2, 4, 2, 2, generator=gen).bfloat16(), prob, labels, low, high,
-                               1, queues, low_rank=1, high_rank=2, num_anchors=4, num_negatives=2, generator=gen)
+                               1, queues, low_rank=1, high_rank=2, num_anchors=4, num_negatives=2, generator=gen,
+                               stages=method_path)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
 
 
 def test_top_mask_matches_a_sort_for_every_k_both_ways():
     """_top_mask (rounds of amax, complement for k > C/2, bit-inverted keys for the smallest) against the
     positions of a full sort per pixel, for every k, with negative and positive keys."""
-    from u2pl_scale.method.contrastive import _top_mask
+    from u2pl_scale.accel.cpu import top_mask as _top_mask
 
     gen = torch.Generator().manual_seed(5)
     num_classes = 7

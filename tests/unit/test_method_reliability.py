@@ -18,6 +18,11 @@ from u2pl_scale.method.reliability import (
 )
 
 
+def percentile_on(stages, values, mask, q):
+    """The q-th percentile as `stages` compute it (their percentiles_and_count stage)."""
+    return stages.percentiles_and_count(values, mask, [q])[0][0]
+
+
 def test_entropy_hand_values():
     prob = torch.tensor([[0.5, 1.0, 0.25], [0.5, 0.0, 0.75]]).reshape(1, 2, 1, 3)
     expected = [math.log(2), 0.0, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
@@ -30,6 +35,7 @@ def test_percentile_matches_numpy_with_mask(q, method_path):
     values = torch.randn(3, 17, 19, generator=gen)
     mask = torch.rand(3, 17, 19, generator=gen) > 0.3
     expected = np.percentile(values[mask].numpy().astype(np.float64), q)
+    assert percentile_on(method_path, values, mask, q).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert percentile(values, mask, q).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
@@ -38,22 +44,24 @@ def test_percentiles_many_with_ties_negatives_and_tensor_q(method_path):
     mask = torch.tensor([1, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
     qs = [0.0, 10.0, 33.3, 50.0, 90.0, 100.0]
     expected = np.percentile(values[mask].numpy().astype(np.float64), qs)
-    got = percentiles(values, mask, torch.tensor(qs))
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-7)
+    for got in (percentiles(values, mask, torch.tensor(qs)), method_path.percentiles_and_count(values, mask, qs)[0],
+                method_path.percentiles_and_count(values, mask, torch.tensor(qs))[0]):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert method_path.percentiles_and_count(values, mask, qs)[1].item() == 8
 
 
 def test_percentile_hand_interpolation(method_path):
     values = torch.tensor([10.0, 0.0, 20.0, 30.0, 99.0])
     mask = torch.tensor([True, True, True, True, False])
     # sorted valid 0, 10, 20, 30; q=50 -> position 1.5 -> 15; q=80 -> 2.4 -> 24
-    assert percentile(values, mask, 50.0).item() == pytest.approx(15.0)
-    assert percentile(values, mask, 80.0).item() == pytest.approx(24.0)
+    assert percentile_on(method_path, values, mask, 50.0).item() == pytest.approx(15.0)
+    assert percentile_on(method_path, values, mask, 80.0).item() == pytest.approx(24.0)
 
 
 def test_percentile_no_valid_is_inf_and_single_valid(method_path):
     values = torch.tensor([1.0, 2.0])
-    assert percentile(values, torch.zeros(2, dtype=torch.bool), 50.0).item() == math.inf
-    assert percentile(values, torch.tensor([False, True]), 37.0).item() == 2.0
+    assert percentile_on(method_path, values, torch.zeros(2, dtype=torch.bool), 50.0).item() == math.inf
+    assert percentile_on(method_path, values, torch.tensor([False, True]), 37.0).item() == 2.0
 
 
 def test_schedules_hand_values():
@@ -68,7 +76,7 @@ def test_reliability_on_hand_worked_entropies(method_path):
     logits = torch.stack([margins, torch.zeros(5)]).reshape(1, 2, 1, 5)
     pseudo = torch.tensor([[[0, 0, 255, 0, 0]]])
     # valid pixels 0, 1, 3, 4 with entropies H0 < H1 < H3 < H4
-    rel = reliability(logits, pseudo, drop_percent=50.0, alpha_t=25.0)
+    rel = reliability(logits, pseudo, drop_percent=50.0, alpha_t=25.0, stages=method_path)
     h = entropy(torch.softmax(logits, 1))[0, 0]
     valid_h = torch.stack([h[0], h[1], h[3], h[4]])
     # drop threshold: percentile 50 -> midway between H1 and H3; pixels 3 and 4 dropped

@@ -1,8 +1,9 @@
-"""No host synchronisation inside the training step's device path, checked without a GPU.
+"""No host synchronisation inside the training step with the reference stages (what a GPU runs), checked without
+a GPU.
 
 The step runs on the "meta" device (tensors without data, so reading a value raises) under
 tests/helpers/sync_audit.py, which also records ops that would sync a CUDA stream or copy host data to the device.
-This takes the same branches as CUDA (every `device.type == "cpu"` fast path is skipped). tests/gpu/test_gpu.py
+The meta device takes the reference stages (u2pl_scale.accel.select), as CUDA does but for its Triton kernels. tests/gpu/test_gpu.py
 checks the same on a real GPU with torch.cuda.set_sync_debug_mode("error") when one is present.
 """
 import contextlib

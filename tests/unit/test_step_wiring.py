@@ -49,7 +49,7 @@ def bn_layers(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
-def make_case(cfg, seed: int = 0):
+def make_case(cfg, seed: int = 0, write=None):
     """Student, teacher (the student's parameters, perturbed), a labeled and an unlabeled batch, prefilled queues."""
     num_classes = cfg.data.num_classes
     torch.manual_seed(seed)
@@ -82,7 +82,7 @@ def make_case(cfg, seed: int = 0):
     valid_u = torch.ones(B_U, CROP, CROP, dtype=torch.bool)
     valid_u[1, :, 26:] = False  # padding of the unlabeled image (its pseudo-labels are ignored)
     valid_u[0, 29:, :] = False
-    queues = ClassQueues(num_classes, cfg.model.rep_dim, CAPACITY)
+    queues = ClassQueues(num_classes, cfg.model.rep_dim, CAPACITY, **({"write": write} if write else {}))
     prefill = F.normalize(torch.randn(num_classes * PREFILL, cfg.model.rep_dim, generator=gen), dim=1)
     owner = torch.arange(num_classes * PREFILL) % num_classes
     queues.push(prefill, owner[:, None] == torch.arange(num_classes)[None, :])
@@ -249,17 +249,17 @@ def relative_error(got, expected):
     return ((got.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
 
 
-# the published weights on every method path (conftest.method_path: the CPU host path with its C kernels and with
-# torch ops, and the device path a GPU takes), and another unsupervised weight without the contrastive term
-@pytest.mark.parametrize("weights,method_path", [((1.0, 0.25), "host"), ((1.0, 0.25), "host-torch-ops"),
-                                                 ((1.0, 0.25), "device"), ((0.5, 0.0), "host")],
-                         indirect=["method_path"],
-                         ids=["published-host", "published-host-torch-ops", "published-device", "no-contrastive"])
+# the published weights with each implementation of the method's stages (conftest.method_path: the CPU stages the
+# trainer takes on CPU, and the reference stages a GPU takes), and another unsupervised weight without the
+# contrastive term
+@pytest.mark.parametrize("weights,method_path", [((1.0, 0.25), "cpu"), ((1.0, 0.25), "reference"),
+                                                 ((0.5, 0.0), "cpu")],
+                         indirect=["method_path"], ids=["published-cpu", "published-reference", "no-contrastive"])
 def test_step_loss_and_gradients_equal_the_reference(weights, method_path):
     cfg = tiny_config(*weights)
-    sc = StepConfig.from_config(cfg)
+    sc = StepConfig.from_config(cfg, method_path)
     assert not (sc.ohem or sc.aux_weight or sc.cutmix_prob or sc.hue_jitter or sc.compile_method)
-    student, teacher, x_l, y_l, x_u, valid_u, queues, prefill_rows = make_case(cfg)
+    student, teacher, x_l, y_l, x_u, valid_u, queues, prefill_rows = make_case(cfg, write=method_path.queue_write)
     teacher_before = copy.deepcopy(teacher)  # the step's train-mode teacher forward moves its BN statistics
 
     terms, record = run_step(sc, student, teacher, queues, x_l, y_l, x_u, valid_u)

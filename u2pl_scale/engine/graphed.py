@@ -1,10 +1,10 @@
-"""train.compile_method_mode=cuda-graph: the method's eager device path captured by hand as two CUDA graphs.
+"""train.compile_method_mode=cuda-graph: the eager method (the CUDA stages) captured by hand as two CUDA graphs.
 
 At the published 2 + 2 images per GPU the training step is bound by the host launching kernels, and the eager
 method issues over a hundred small ones. torch.compile's reduce-overhead mode replays the method as CUDA graphs
 too, but through dynamo's guards, AOTAutograd's runtime wrappers and inductor's CUDA graph trees, which can make
 the whole process slower after compiling. This
-mode has none of that: the eager code (static shapes, no host reads: the device path) is captured once per input
+mode has none of that: the eager code (static shapes, no host reads: the CUDA stages) is captured once per input
 signature, forward and backward each as one graph, the way torch.cuda.make_graphed_callables does it, and each
 step copies its inputs into the graphs' static inputs and replays them.
 
@@ -94,7 +94,7 @@ class MethodParts:
 
 class GraphedMethod:
     """method_losses(sc, inputs..., queues, progress) for one input signature, as a forward and a backward graph
-    over static inputs. `method(sc, *inputs, queues, progress_tensor)` must be capturable (the device path) and
+    over static inputs. `method(sc, *inputs, queues, progress_tensor)` must be capturable (static shapes, no host reads) and
     return (unsup, contra, reliable ratio); the first two inputs (the student's logits and features) get
     gradients. With `parts` and `world` > 1 the forward is two graphs, `parts.before` with the packing of the push
     rows and the push with `parts.after`, and between them the eager all-gather of the packed rows into a fixed

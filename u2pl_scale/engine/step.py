@@ -18,6 +18,7 @@ from ..method.cutmix import cutmix, cutmix_flag
 from ..method.diagnostics import step_diagnostics
 from ..method.losses import ce_mean, ohem_ce, unsup_loss_from_reliable
 from ..method.reliability import alpha_t, drop_percent, reliability
+from ..method.stages import REFERENCE, Stages
 
 
 @dataclass
@@ -46,9 +47,10 @@ class StepConfig:
     temperature: float
     compile_method: bool = False
     compile_method_mode: str = "reduce-overhead"
+    stages: Stages = REFERENCE  # the method's stage implementations (u2pl_scale.accel.select)
 
     @classmethod
-    def from_config(cls, cfg) -> "StepConfig":
+    def from_config(cls, cfg, stages: Stages = REFERENCE) -> "StepConfig":
         m, c = cfg.method, cfg.method.contrastive
         return cls(num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index,
                    aux_weight=cfg.model.aux_weight if cfg.model.aux_head else 0.0,
@@ -59,7 +61,8 @@ class StepConfig:
                    ohem_min_kept=m.ohem.min_kept, anchor_threshold=c.anchor_threshold,
                    negative_threshold=c.negative_threshold, low_rank=c.low_rank, high_rank=c.high_rank,
                    num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature,
-                   compile_method=cfg.train.compile_method, compile_method_mode=cfg.train.compile_method_mode)
+                   compile_method=cfg.train.compile_method, compile_method_mode=cfg.train.compile_method_mode,
+                   stages=stages)
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:
@@ -147,9 +150,9 @@ def method_before_push(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, 
     b_l = y_l.shape[0]
     ignore = sc.ignore_index
     rel = reliability(logits_u_t, pseudo_u, drop_percent(progress, sc.drop_percent_start),
-                      alpha_t(progress, sc.low_entropy_start), ignore_index=ignore)
+                      alpha_t(progress, sc.low_entropy_start), ignore_index=ignore, stages=sc.stages)
     unsup = unsup_loss_from_reliable(upsample(pred[b_l:], y_l.shape[-2:]), rel.reliable_labels, rel.kept_count,
-                                     rel.valid_count, ignore_index=ignore)
+                                     rel.valid_count, ignore_index=ignore, stages=sc.stages)
     prepared = None
     if sc.contra_enabled:
         labels_small, low_small, high_small = contrastive_inputs(
@@ -157,7 +160,7 @@ def method_before_push(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, 
         prepared = contrastive_prepare(
             rep_t, prob_t, labels_small, low_small, high_small, b_l, queues.dtype,
             anchor_threshold=sc.anchor_threshold, negative_threshold=sc.negative_threshold, low_rank=sc.low_rank,
-            high_rank=sc.high_rank)
+            high_rank=sc.high_rank, stages=sc.stages)
     return unsup, rel.reliable_ratio, prepared
 
 
@@ -166,13 +169,13 @@ def method_after_push(sc: StepConfig, rep, prepared, queues, generator=None):
     if prepared is None:
         return 0.0 * rep.sum()
     return contrastive_finish(rep, prepared, queues, num_anchors=sc.num_anchors, num_negatives=sc.num_negatives,
-                              temperature=sc.temperature, generator=generator).loss
+                              temperature=sc.temperature, generator=generator, stages=sc.stages).loss
 
 
 @functools.cache
 def compiled_method_losses(mode: str):
     """method_losses under torch.compile (train.compile_method, train.compile_method_mode). Compiled code takes the
-    method's device path on every device (u2pl_scale/method/paths.py), so it traces as one graph with static shapes:
+    method's reference stages (accel.select with compiled=True), so it traces as one graph with static shapes:
     on a GPU its hundreds of small kernels fuse into a few, and with mode reduce-overhead the
     forward and the backward each replay as one CUDA graph. At world size > 1 the queues' all-gather splits it.
     Its random draws (anchor and negative sampling) come from inductor's generator, seeded from torch's."""

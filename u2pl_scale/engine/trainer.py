@@ -19,6 +19,7 @@ import torch
 
 from .. import dist
 from ..atomic import atomic_path, write_json_atomic
+from .. import accel
 from ..config import Config, derive, queue_capacities, to_yaml
 from ..data import stream
 from ..data.transforms import normalize
@@ -152,10 +153,13 @@ class Trainer:
             self.module.compile()
             teacher.compile()
         c = cfg.method.contrastive
+        stages = accel.select(device, compiled=cfg.train.compile_method and cfg.train.compile_method_mode !=
+                              "cuda-graph", implementation=cfg.train.method_implementation)
         self.queues = ClassQueues(cfg.data.num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device,
                                   dtype=DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
-                                      c.queue_dtype]], exchange_fraction=c.exchange_fraction)
-        self.sc = StepConfig.from_config(cfg)
+                                      c.queue_dtype]], exchange_fraction=c.exchange_fraction,
+                                  write=stages.queue_write)
+        self.sc = StepConfig.from_config(cfg, stages)
         self.generator = None  # the global (per-rank seeded, checkpointed) RNG drives CutMix and sampling
         self.guard = StepGuard((self.module, teacher), optimizer, device, self.world,
                                cfg.train.max_consecutive_nonfinite, history=cfg.train.log_interval)

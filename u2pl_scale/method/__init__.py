@@ -1,11 +1,12 @@
 """U2PL itself (U2PL_SPEC.md sections 2-6): reliability, losses, CutMix, EMA teacher, class queues, contrastive loss.
 
-Pure functions of tensors plus small state objects (ClassQueues, EMATeacher); no config or engine imports.
+Pure functions of tensors plus a small state object (ClassQueues); no config or engine imports. The stages that
+u2pl_scale/accel implements again for a device are named in stages.py.
 """
 
 from .contrastive import ContrastiveMasks, ContrastiveOutput, contrastive_inputs, contrastive_loss, contrastive_masks
 from .cutmix import box_masks, cutmix, cutmix_flag, sample_boxes
-from .ema import EMATeacher, copy_, decay_at, update_
+from .ema import copy_, decay_at, follow_, update_
 from .losses import ce_mean, ohem_ce, sup_loss, unsup_loss, unsup_loss_from_reliable
 from .queues import ClassQueues
 from .reliability import (
@@ -26,7 +27,6 @@ __all__ = [
     "ClassQueues",
     "ContrastiveMasks",
     "ContrastiveOutput",
-    "EMATeacher",
     "Reliability",
     "alpha_t",
     "box_masks",
@@ -44,6 +44,7 @@ __all__ = [
     "entropy",
     "entropy_from_logits",
     "entropy_masks",
+    "follow_",
     "ohem_ce",
     "percentile",
     "percentiles",

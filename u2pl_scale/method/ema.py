@@ -62,28 +62,3 @@ def update_(teacher: nn.Module, student: nn.Module, steps_since_copy: int, ema_d
             torch._foreach_mul_(step, (1.0 - decay) * gate)
             torch._foreach_add_(teacher_params, step)
     return decay
-
-
-class EMATeacher:
-    """Small stateful wrapper: counts updates since the copy so callers cannot get k wrong."""
-
-    def __init__(self, teacher: nn.Module, ema_decay: float = 0.99):
-        self.teacher = teacher
-        self.ema_decay = ema_decay
-        self.steps_since_copy = 0
-
-    def copy_from(self, student: nn.Module) -> None:
-        copy_(self.teacher, student)
-        self.steps_since_copy = 0
-
-    def update(self, student: nn.Module) -> float:
-        decay = update_(self.teacher, student, self.steps_since_copy, self.ema_decay)
-        self.steps_since_copy += 1
-        return decay
-
-    def state_dict(self) -> dict:
-        return {"steps_since_copy": self.steps_since_copy, "ema_decay": self.ema_decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps_since_copy = int(state["steps_since_copy"])
-        self.ema_decay = float(state.get("ema_decay", self.ema_decay))

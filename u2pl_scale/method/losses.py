@@ -2,7 +2,8 @@
 
 All losses are computed in fp32 even under autocast, on device, without host syncs: counts stay tensors and
 data-dependent choices are `torch.where`s. Where the published code would divide by zero (no pixel left) these
-return 0 (with a graph) instead of NaN.
+return 0 (with a graph) instead of NaN. `scaled_ce_sum` is a stage that u2pl_scale/accel may replace
+(method/stages.py).
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import native
-from .paths import host_path
-from .reliability import Number, cpu_row_chunks, cpu_single_thread, drop_unreliable, entropy_from_logits, percentile
-from .buffers import reusable_empty
 from .fp32 import fp32_region
+from .reliability import Number, drop_unreliable, entropy_from_logits, percentile
 
 
 def _ce_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -76,62 +74,22 @@ def ohem_ce(
         return ce_mean(logits, target, ignore_index)
 
 
-class _ScaledCESumCPU(torch.autograd.Function):
-    """`scale` x the sum of per-pixel CE over non-ignored pixels of fp32 CPU logits [B, C, H, W], fused: the
-    log_softmax of each whole image is written straight into the gradient buffer, then, in cache-sized row blocks,
-    the loss is read from it and it is turned in place into the gradient scale * (softmax - onehot) (0 on ignored
-    pixels), which is saved, so backward only hands it on (no log_softmax / nll backward passes, and no extra
-    logits-sized pass when the incoming gradient is 1). Channels-last logits are made contiguous first: a class
-    reduction over channels-last blocks costs a copy per block (the trainer upsamples contiguous logits). Where the
-    fused CPU kernels are built, native.ce_grad does all of it in one pass over each pixel row."""
-
-    @staticmethod
-    def forward(ctx, logits, target, ignore_index, scale):
-        logits = logits.contiguous()
-        grad = reusable_empty("unsup_ce_grad", tuple(logits.shape), torch.float32, logits.device)
-        total = native.ce_grad(logits, target.long(), ignore_index, scale.item(), grad)  # one pass in C
-        if total is not None:
-            ctx.save_for_backward(grad)
-            return scale * total
-        for b in range(logits.shape[0]):
-            torch.log_softmax(logits[b], dim=0, out=grad[b])
-        partial = []
-        with cpu_single_thread(logits.device):
-            for b, top, bottom in cpu_row_chunks(logits.shape):
-                block = grad[b, :, top:bottom]  # [C, rows, W] log-probabilities
-                labels = target[b, top:bottom]
-                valid = labels != ignore_index
-                safe = torch.where(valid, labels, 0)[None].long()
-                picked = block.gather(0, safe)[0]
-                partial.append(torch.where(valid, picked, 0.0).sum())
-                block.exp_()
-                block.scatter_add_(0, safe, valid[None].float().neg_())
-                block.mul_(valid[None] * scale)
-        ctx.save_for_backward(grad)
-        return torch.stack(partial).sum().neg_() * scale
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # CPU only, so reading the incoming gradient costs no device sync. Handing the saved tensor on is safe:
-        # autograd only accumulates in place into a gradient nothing else references.
-        if grad_output.item() == 1.0:
-            return grad, None, None, None
-        return grad * grad_output, None, None, None
+def scaled_ce_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, scale: torch.Tensor) -> torch.Tensor:
+    """`scale` x the sum of per-pixel CE over the non-ignored pixels, fp32."""
+    return _ce_sum(logits, target, ignore_index) * scale
 
 
 def unsup_loss_from_reliable(
     student_logits_u: torch.Tensor, reliable_labels: torch.Tensor, kept_count: torch.Tensor,
-    valid_count: torch.Tensor, ignore_index: int = 255
+    valid_count: torch.Tensor, ignore_index: int = 255,
+    stages: "Stages | None" = None,  # noqa: F821  (method/stages.py; None: scaled_ce_sum above)
 ) -> torch.Tensor:
     """`(valid / kept) * CE(mean over kept)`, the published compute_unsupervised_loss's `(B*H*W / kept)` (spec
     section 4) with both counts over the same pixels: the published code has no ignored pseudo-label, so its
     B*H*W are its valid pixels; here padding is ignored and must not count, or the loss grows with it."""
     scale = valid_count.detach().float() / kept_count.detach().clamp(min=1).float() ** 2  # valid / kept^2, fp32
-    if host_path(student_logits_u.device) and student_logits_u.dim() == 4:
-        with torch.autocast("cpu", enabled=False):
-            return _ScaledCESumCPU.apply(student_logits_u.float(), reliable_labels, ignore_index, scale)
-    return _ce_sum(student_logits_u, reliable_labels, ignore_index) * scale
+    ce_sum = stages.scaled_ce_sum if stages is not None else scaled_ce_sum
+    return ce_sum(student_logits_u, reliable_labels, ignore_index, scale)
 
 
 def unsup_loss(

@@ -5,17 +5,12 @@ the extra last row is a scratch row that absorbs padded writes. Per-class write 
 tensors. Semantics equal the published dequeue_and_enqueue (`queue = cat(queue, keys)[-capacity:]`): after a push
 class c holds, as a multiset, the newest min(total pushed, capacity_c) keys.
 
-A push is vectorised over classes: each (pixel, class) pair gets its rank within its class by a cumsum, only the
-newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and written by one row
-copy (kernels.copy_rows_: a Triton kernel on CUDA that skips the padding, else index_copy_). The kept pairs are
-compacted with `torch.nonzero_static` to a size fixed by the shapes (min(pixels x classes, sum(capacities),
-max_pairs)), so accelerators never sync. On a CPU device there is no
-host/device boundary to protect, and the padded write of up to sum(capacities) rows would dominate the step, so
-the CPU ("exact") path reads the per-class counts on the host and copies each class's newest rows with
-`index_select(out=...)` straight into its ring slice(s), without a [pairs, dim] intermediate; both paths write
-identical queues. In eager code on CUDA (Triton) the push after the cumsum is two Triton kernels instead
-(kernels.launch_triton_push): each kept pair's row goes straight to its ring slot, and no pairs are compacted;
-compiled code and `max_pairs` take the compacted path.
+A push is vectorised over classes (`write_compacted`): each (pixel, class) pair gets its rank within its class by a
+cumsum, only the newest capacity_c pairs per class are kept, their ring slots are computed arithmetically and
+written by one row copy. The kept pairs are compacted with `torch.nonzero_static` to a size fixed by the shapes
+(min(pixels x classes, sum(capacities), max_pairs)), so accelerators never sync. The write is a stage that
+u2pl_scale/accel may replace (a host-side copy on CPU, Triton kernels on CUDA): `ClassQueues(write=...)`; every
+implementation writes identical queues.
 
 `push_distributed` does ONE fixed-size all_gather per step for all classes, whose size does not grow with the
 world size W: each rank sends, for every class c, at most b_c = ceil(capacity_c / W) of its negatives of c, drawn
@@ -33,18 +28,66 @@ newest step's, and the exchange moves f times the bytes (benchmarks/scaling.py).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from ..dist import all_gather_cat
 
-from .buffers import uniform_below
-from .paths import host_path
-from . import native
-from .kernels import copy_rows_, push_rows_
-from .reliability import cpu_single_thread
+
+def uniform_below(uniform: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """floor(u * n) as int64 for float64 u in [0, 1) (torch.rand) and integer n >= 0: a uniform draw from 0 .. n - 1
+    (0 where n = 0). No clamp to n - 1 is needed: the largest u, 1 - 2**-53, times an integer n < 2**53 rounds to a
+    double below n (the product's distance to n, n * 2**-53, is more than half the spacing of doubles below n, or
+    exactly that spacing when n is a power of two), and rounding is monotone in u. (In fp32 it would round up.)
+    One multiply and one conversion: truncation is floor for a product >= 0."""
+    return (uniform * count).long()
+
+
+def index_copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
+                    count: torch.Tensor, spare_row: int) -> None:
+    """dst[dst_index[i]] = src[src_index[i]] for i < count; the entries from `count` on (padding) go to `spare_row`
+    if it is >= 0, else to the rows their dst_index names: either way rows nothing reads. One index_copy_ of the
+    whole padded list."""
+    if spare_row >= 0:
+        padding = torch.arange(dst_index.shape[0], device=dst_index.device) >= count
+        dst_index = dst_index.masked_fill(padding, spare_row)
+    dst.index_copy_(0, dst_index, src.index_select(0, src_index).to(dst.dtype))
+
+
+def write_compacted(queues: "ClassQueues", features: torch.Tensor, mask_cn: torch.Tensor,
+                    max_pairs: Optional[int] = None, copy_rows: Callable = index_copy_rows) -> None:
+    """Stage: push row i of `features` [N, dim] into every class c with mask_cn[c, i] (bool [C, N], finite rows
+    only), rows in order, as the module docstring says; `copy_rows` writes the kept pairs (index_copy_rows
+    signature). No host read: the kept pairs are compacted to a static size."""
+    rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
+    pushed = rank_in_class[:, -1]  # pairs per class this push (int32; int64 once combined with the long state)
+    kept = torch.minimum(pushed, queues.capacities)  # only the newest capacity_c pairs can survive
+    overflow = pushed - kept  # the oldest pairs, which cannot
+    keep = mask_cn & (rank_in_class > overflow[:, None])
+
+    # each class keeps at most its capacity, so at most total_capacity pairs are kept: that size never drops one
+    static_size = min(mask_cn.numel(), queues.total_capacity)
+    can_drop = max_pairs is not None and int(max_pairs) < static_size
+    if can_drop:
+        static_size = int(max_pairs)
+    # (class, row) of the kept pairs in class-major order, then padding (0, 0): a real row, written to scratch
+    pairs = torch.nonzero_static(keep, size=static_size, fill_value=0)
+    total_pairs = kept.sum()
+    if can_drop:
+        queues.dropped_pairs += (total_pairs - static_size).clamp(min=0)
+        total_pairs = total_pairs.clamp(max=static_size)
+
+    cls, row = pairs[:, 0], pairs[:, 1]
+    # the ring slot of every (class, row) pair, offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c,
+    # over the whole [C, N] grid (a few elementwise passes), then one gather of the kept pairs' slots
+    ring_start = (queues.write_ptr - overflow - 1)[:, None]
+    slot_cn = torch.remainder(rank_in_class + ring_start, queues.capacities[:, None]).add_(queues.offsets[:, None])
+    copy_rows(queues.buffer, slot_cn[cls, row], features, row, total_pairs, queues.scratch_row)
+
+    queues.write_ptr.add_(kept).remainder_(queues.capacities)
+    queues.fill.add_(pushed).clamp_(max=queues.capacities)
 
 
 def finite_rows(features: torch.Tensor) -> torch.Tensor:
@@ -62,7 +105,9 @@ class ClassQueues:
         device: Optional[Union[str, torch.device]] = None,
         dtype: torch.dtype = torch.float32,
         exchange_fraction: float = 1.0,
+        write: Callable = write_compacted,
     ):
+        """`write`: the queue write stage (write_compacted's signature), u2pl_scale/accel's for the device if given."""
         if isinstance(capacities, int):
             capacities = [capacities] * num_classes
         capacities = [int(c) for c in capacities]
@@ -85,8 +130,7 @@ class ClassQueues:
         self.write_ptr = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.fill = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.dropped_pairs = torch.zeros((), dtype=torch.long, device=device)  # only with a small max_pairs
-        # "exact" (nonzero; fine where host and device are the same) or "static" (nonzero_static, no sync)
-        self.compaction = "exact" if device.type == "cpu" else "static"
+        self.write = write
         self._layout: dict = {}  # pack's budgets and block layout per (world size, block width, device)
 
     @property
@@ -99,7 +143,8 @@ class ClassQueues:
         """Push pixel i's feature into every class c with class_mask[i, c], pixels in order of i.
 
         features [N, dim], class_mask [N, C] bool. `max_pairs` optionally tightens the static compaction size
-        on accelerators (pairs beyond it are dropped and counted in `dropped_pairs`).
+        (pairs beyond it are dropped and counted in `dropped_pairs`; write stages that need no compaction then
+        compact too).
         """
         num_rows = features.shape[0]
         if class_mask.shape != (num_rows, self.num_classes):
@@ -107,74 +152,7 @@ class ClassQueues:
         if num_rows == 0:
             return
         mask_cn = class_mask.t().to(torch.bool) & finite_rows(features)  # [C, N]: pairs in class-major order
-        if self.compaction == "exact" and host_path(features.device):
-            with cpu_single_thread(features.device):  # ~2 x C row copies: see cpu_single_thread
-                self._push_exact(features, mask_cn)
-            return
-        rank_in_class = torch.cumsum(mask_cn, dim=1, dtype=torch.int32)  # 1-based rank of pair among its class
-        if max_pairs is None and push_rows_(self.buffer, features.to(self.dtype), mask_cn, rank_in_class,
-                                            self.write_ptr, self.fill, self.capacities, self.offsets):
-            return  # CUDA: the rows went straight to their slots (kernels.launch_triton_push)
-        pushed = rank_in_class[:, -1]  # pairs per class this push (int32; int64 once combined with the long state)
-        kept = torch.minimum(pushed, self.capacities)  # only the newest capacity_c pairs can survive
-        overflow = pushed - kept  # the oldest pairs, which cannot
-        keep = mask_cn & (rank_in_class > overflow[:, None])
-
-        # each class keeps at most its capacity, so at most total_capacity pairs are kept: that size never drops one
-        static_size = min(num_rows * self.num_classes, self.total_capacity)
-        can_drop = max_pairs is not None and int(max_pairs) < static_size
-        if can_drop:
-            static_size = int(max_pairs)
-        # (class, row) of the kept pairs in class-major order, then padding (0, 0): a real row, written to scratch
-        pairs = torch.nonzero_static(keep, size=static_size, fill_value=0)
-        total_pairs = kept.sum()
-        if can_drop:
-            self.dropped_pairs += (total_pairs - static_size).clamp(min=0)
-            total_pairs = total_pairs.clamp(max=static_size)
-
-        cls, row = pairs[:, 0], pairs[:, 1]
-        # the ring slot of every (class, row) pair, offset_c + (write_ptr_c - overflow_c + rank - 1) mod capacity_c,
-        # over the whole [C, N] grid (a few elementwise passes), then one gather of the kept pairs' slots
-        ring_start = (self.write_ptr - overflow - 1)[:, None]
-        slot_cn = torch.remainder(rank_in_class + ring_start, self.capacities[:, None]).add_(self.offsets[:, None])
-        # the real pairs come first in `pairs`: copy those rows only where the device can skip the padding, else
-        # write the padding to the scratch row
-        copy_rows_(self.buffer, slot_cn[cls, row], features, row, total_pairs, spare_row=self.scratch_row)
-
-        self.write_ptr.add_(kept).remainder_(self.capacities)
-        self.fill.add_(pushed).clamp_(max=self.capacities)
-
-    def _push_exact(self, features: torch.Tensor, mask_cn: torch.Tensor) -> None:
-        """Host-side push (CPU, where reading counts costs nothing): per class, the kept source rows are copied
-        with one or two `index_select(..., out=<ring slice>)` straight into the buffer (a wrapped ring is two
-        contiguous slices), so no [pairs, dim] intermediate is ever materialised. Where the fused CPU kernels are
-        built, native.push makes the same copies, classes over threads, with streaming stores."""
-        if features.dtype != self.dtype:
-            features = features.to(self.dtype)
-        if native.push(features.contiguous(), mask_cn, self.buffer, self.offsets, self.capacities, self.write_ptr,
-                       self.fill):  # the same copies, each row straight to its slot, classes over the threads
-            return
-        pairs = torch.nonzero(mask_cn)  # [K, 2] (class, row), class-major then row order
-        rows = pairs[:, 1]
-        pushed = torch.bincount(pairs[:, 0], minlength=self.num_classes)
-        write_ptr, fill = self.write_ptr.tolist(), self.fill.tolist()
-        start = 0
-        for c, count in enumerate(pushed.tolist()):
-            if count == 0:
-                continue
-            capacity, offset = self.capacity_list[c], int(self.offsets_list[c])
-            class_rows = rows[start + max(count - capacity, 0) : start + count]  # only the newest can survive
-            start += count
-            kept = class_rows.numel()
-            ptr = write_ptr[c]
-            first = min(kept, capacity - ptr)
-            torch.index_select(features, 0, class_rows[:first], out=self.buffer[offset + ptr : offset + ptr + first])
-            if kept > first:
-                torch.index_select(features, 0, class_rows[first:], out=self.buffer[offset : offset + kept - first])
-            write_ptr[c] = (ptr + kept) % capacity
-            fill[c] = min(fill[c] + count, capacity)
-        self.write_ptr.copy_(torch.tensor(write_ptr, dtype=torch.long))
-        self.fill.copy_(torch.tensor(fill, dtype=torch.long))
+        self.write(self, features, mask_cn, max_pairs)
 
     @torch.no_grad()
     def push_distributed(

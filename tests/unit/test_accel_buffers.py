@@ -1,29 +1,32 @@
-"""Reused CPU buffers (u2pl_scale.method.buffers): reuse only when nothing else holds the storage, and
+"""Reused CPU buffers (u2pl_scale/accel/buffers.py): reuse only when nothing else holds the storage, and
 scatter_rows equal to a fresh zeros().index_add_() on every call, whatever rows earlier calls wrote."""
 import torch
 
-from u2pl_scale.method import buffers
+from u2pl_scale.accel.buffers import BufferPool
 
 
 def test_reusable_empty_reuses_only_a_released_buffer():
-    first = buffers.reusable_empty("t_reuse", (4, 8), torch.float32, "cpu")
+    buffers = BufferPool()
+    first = buffers.empty("t_reuse", (4, 8), torch.float32)
     first_ptr = first.data_ptr()
     view = first[1:]  # still held through a view
-    second = buffers.reusable_empty("t_reuse", (4, 8), torch.float32, "cpu")
+    second = buffers.empty("t_reuse", (4, 8), torch.float32)
     assert second.data_ptr() != first_ptr
     second.fill_(7.0)
     assert view.data_ptr() == first_ptr + 8 * 4  # the first buffer's memory was left alone
     del first, view, second
-    third = buffers.reusable_empty("t_reuse", (4, 8), torch.float32, "cpu")
-    fourth_shape = buffers.reusable_empty("t_reuse_other", (2, 3), torch.float32, "cpu")
+    third = buffers.empty("t_reuse", (4, 8), torch.float32)
+    fourth_shape = buffers.empty("t_reuse_other", (2, 3), torch.float32)
     assert third.shape == (4, 8) and third.is_contiguous() and fourth_shape.shape == (2, 3)
     ptr = third.data_ptr()
     del third
-    again = buffers.reusable_empty("t_reuse", (2, 8), torch.float32, "cpu")  # smaller: same memory
+    again = buffers.empty("t_reuse", (2, 8), torch.float32)  # smaller: same memory
+    assert BufferPool().empty("t_reuse", (2, 8), torch.float32).data_ptr() != ptr  # pools share nothing
     assert again.data_ptr() == ptr and again.shape == (2, 8)
 
 
 def test_scatter_rows_matches_fresh_zeros_index_add_over_many_calls():
+    buffers = BufferPool()
     gen = torch.Generator().manual_seed(0)
     kept = []
     for step in range(6):
@@ -40,9 +43,11 @@ def test_scatter_rows_matches_fresh_zeros_index_add_over_many_calls():
 
 
 def test_gather_gradient_is_the_dense_scatter_on_every_step():
-    """The anchor gather's CPU autograd path (contrastive._gather_pixels) against index_select on a plain
+    """The anchor gather's CPU stage (accel/cpu.py gather_pixels) against index_select on a plain
     tensor, over steps whose anchors differ (the reused gradient buffer must not keep earlier rows)."""
-    from u2pl_scale.method.contrastive import _gather_pixels
+    from u2pl_scale.accel.cpu import cpu_stages
+
+    _gather_pixels = cpu_stages().gather_pixels
 
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(2, 5, 3, 4, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -63,7 +68,7 @@ def test_gather_gradient_is_the_dense_scatter_on_every_step():
 def test_uniform_below_never_reaches_n_even_for_the_largest_draw():
     """floor(u * n) for the largest float64 torch.rand value, 1 - 2**-53, stays below n for every n < 2**53 tried
     (all n up to 2**20, powers of two and their neighbours, random large n); in fp32 the same product rounds up."""
-    from u2pl_scale.method.buffers import uniform_below
+    from u2pl_scale.method.queues import uniform_below
 
     largest = torch.tensor([1 - 2.0 ** -53], dtype=torch.float64)
     powers = torch.tensor([2 ** k for k in range(1, 53)], dtype=torch.long)

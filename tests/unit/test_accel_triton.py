@@ -1,4 +1,5 @@
-"""The method's Triton kernels (u2pl_scale/method/kernels.py): the queue push's row copy (copy_rows_,
+"""The method's Triton kernels (u2pl_scale/accel/triton_kernels.py, the CUDA stages' in accel/cuda.py): the queue
+push's row copy (copy_rows_,
 dst[dst_index[i]] = src[src_index[i]] for i < count), the fused queue push and the percentiles.
 
 The Triton kernels (used on CUDA devices) run here in Triton's interpreter on CPU tensors, in a subprocess because
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from u2pl_scale.method.kernels import copy_rows_
+from u2pl_scale.accel.triton_kernels import copy_rows_
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def test_triton_kernel_copies_the_first_count_rows_only(tmp_path):
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from u2pl_scale.method.kernels import launch_triton
+        from u2pl_scale.accel.triton_kernels import launch_triton
         g = torch.Generator().manual_seed(0)
         results = []
         # dim above one column block (300 > 256), a non-power-of-two dim, bf16, rows of src with a stride;
@@ -87,7 +88,7 @@ def test_op_on_cpu_and_under_compile_writes_the_real_rows():
 
 
 def test_a_failing_triton_launch_warns_once_and_falls_back_to_index_copy(monkeypatch):
-    from u2pl_scale.method import kernels
+    from u2pl_scale.accel import triton_kernels as kernels
 
     def broken(*args):
         raise RuntimeError("no compiler for this GPU")
@@ -128,14 +129,16 @@ def test_index_copy_path_writes_the_padding_to_the_spare_row_only():
 
 
 def test_fused_triton_push_equals_the_exact_push(tmp_path):
-    """kernels.launch_triton_push (the queue push on CUDA: each kept pair's row straight to its ring slot, then the
-    pointers) in Triton's interpreter, through ClassQueues.push, against the CPU's exact push: five pushes with
+    """kernels.launch_triton_push (the CUDA stages' queue write: each kept pair's row straight to its ring slot, then
+    the pointers) in Triton's interpreter, through ClassQueues.push, against the CPU stages' push: five pushes with
     wrap-around, a push of more rows than a class holds, an empty class, the class mask as a class-major view (as
     the contrastive loss passes it) and as a plain [N, C] tensor, fp32 and bf16 queues, dim above one column block."""
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from u2pl_scale.method import kernels
+        from u2pl_scale.accel import triton_kernels as kernels
+        from u2pl_scale.accel.cpu import cpu_stages
+        from u2pl_scale.accel.cuda import cuda_stages
         from u2pl_scale.method.queues import ClassQueues
         kernels._uses_triton = lambda dst: True  # as on a CUDA device
         calls = []
@@ -144,8 +147,8 @@ def test_fused_triton_push_equals_the_exact_push(tmp_path):
         g = torch.Generator().manual_seed(3)
         results = []
         for dim, dtype in ((300, torch.float32), (8, torch.bfloat16)):
-            fused, exact = (ClassQueues(4, dim, [7, 30, 5, 12], dtype=dtype) for _ in range(2))
-            fused.compaction = "static"
+            fused, exact = (ClassQueues(4, dim, [7, 30, 5, 12], dtype=dtype, write=stages.queue_write)
+                            for stages in (cuda_stages(compiled=False), cpu_stages()))
             for step, rows in enumerate((20, 3, 40, 9, 25)):
                 features = torch.randn(rows, dim, generator=g)
                 mask = torch.rand(rows, 4, generator=g) < 0.5
@@ -169,17 +172,16 @@ def test_fused_triton_push_equals_the_exact_push(tmp_path):
 
 def test_triton_percentiles_equal_the_torch_ops_and_numpy(tmp_path):
     """kernels.launch_triton_percentiles (the percentiles after the sort on CUDA: one kernel where the torch ops are
-    about a dozen) in Triton's interpreter, through reliability._percentiles_and_count on the device path, against
-    the same function with the kernel switched off (torch ops) and against numpy.percentile: random values with a
+    about a dozen) in Triton's interpreter, through the CUDA stages' percentiles_and_count, against the same
+    function with the kernel switched off (the reference's torch ops) and against numpy.percentile: random values with a
     mask, ties, one valid entry, none (+inf), q at 0 and 100 and outside [0, 100] (clamped), and fractions whose
     fp32 rounding would move the position (the kernel takes them as float64 bits)."""
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import numpy as np
         import torch
-        from u2pl_scale.method import kernels
-        from u2pl_scale.method.paths import device_path_on_cpu
-        from u2pl_scale.method.reliability import _percentiles_and_count
+        from u2pl_scale.accel import triton_kernels as kernels
+        from u2pl_scale.accel.cuda import percentiles_and_count as _percentiles_and_count
         calls = []
         launch = kernels.launch_triton_percentiles
         kernels.launch_triton_percentiles = lambda *a: (calls.append(1), launch(*a))[1]
@@ -198,17 +200,16 @@ def test_triton_percentiles_equal_the_torch_ops_and_numpy(tmp_path):
         step = (torch.arange(300001) >= 100000).float()
         cases.append((step, torch.ones(300001, dtype=torch.bool), [33.3333333]))
         results = []
-        with device_path_on_cpu():
-            for values, valid, qs in cases:
-                kernels._uses_triton = lambda tensor: True
-                fused, count = _percentiles_and_count(values, valid, qs)
-                kernels._uses_triton = lambda tensor: False
-                torch_ops, _ = _percentiles_and_count(values, valid, qs)
-                kept = values[valid].double().numpy()
-                clamped = [min(max(q, 0.0), 100.0) for q in qs]
-                reference = np.percentile(kept, clamped) if kept.size else np.full(len(qs), np.inf)
-                results.append(dict(fused=fused, torch_ops=torch_ops, reference=torch.tensor(reference),
-                                    count=int(count), valid=int(valid.sum())))
+        for values, valid, qs in cases:
+            kernels._uses_triton = lambda tensor: True
+            fused, count = _percentiles_and_count(values, valid, qs)
+            kernels._uses_triton = lambda tensor: False
+            torch_ops, _ = _percentiles_and_count(values, valid, qs)
+            kept = values[valid].double().numpy()
+            clamped = [min(max(q, 0.0), 100.0) for q in qs]
+            reference = np.percentile(kept, clamped) if kept.size else np.full(len(qs), np.inf)
+            results.append(dict(fused=fused, torch_ops=torch_ops, reference=torch.tensor(reference),
+                                count=int(count), valid=int(valid.sum())))
         torch.save(dict(results=results, calls=len(calls)), "results.pt")
     """)
     saved = run_interpreted(script, tmp_path)
@@ -266,27 +267,27 @@ def compile_only_for(arch: int):
 @pytest.mark.parametrize("arch", [80, 90, 100], ids=["sm80-A100", "sm90-H100-H200", "sm100-B200"])
 def test_every_triton_kernel_compiles_for_the_gpus_with_the_methods_arguments(arch, monkeypatch, tmp_path):
     """Each of the method's Triton kernels compiled (to a cubin) for A100, H100/H200 and B200 with the arguments
-    its callers pass: one eager method step on the device path (percentiles, fused queue push; fp32 queues), the
+    its callers pass: one eager method step with the CUDA stages (percentiles, fused queue push; fp32 queues), the
     fused push into bf16 queues of dim 256 (one column block) and 300 (two), the compacted push's row copy
     (max_pairs) into fp32 and bf16 queues, and percentile fractions whose bits all fit in 32 bits (Triton then
     types every fraction argument i32); and none spills registers."""
     pytest.importorskip("triton")
     from method_inputs import make_inputs, step_config
     from u2pl_scale.engine.step import method_losses
-    from u2pl_scale.method import kernels
-    from u2pl_scale.method.paths import device_path_on_cpu
+    from u2pl_scale.accel import triton_kernels as kernels
+    from u2pl_scale.accel.cuda import cuda_stages
     from u2pl_scale.method.queues import ClassQueues
 
     monkeypatch.setattr(kernels, "_triton_failed", [])
     monkeypatch.setattr(kernels, "_uses_triton", lambda tensor: True)  # as on a CUDA device
     g = torch.Generator().manual_seed(0)
-    with compile_only_for(arch) as compiled, device_path_on_cpu():
-        pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(0, 0)
-        method_losses(step_config(), pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, 0.3)
+    stages = cuda_stages(compiled=False)
+    with compile_only_for(arch) as compiled:
+        pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues = make_inputs(0, 0, stages=stages)
+        method_losses(step_config(stages), pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t, queues, 0.3)
         for dim, dtype, max_pairs in ((256, torch.bfloat16, None), (300, torch.bfloat16, None),
                                       (256, torch.float32, 500), (300, torch.bfloat16, 500)):
-            more_queues = ClassQueues(21, dim, [500] * 21, dtype=dtype)
-            more_queues.compaction = "static"
+            more_queues = ClassQueues(21, dim, [500] * 21, dtype=dtype, write=stages.queue_write)
             more_queues.push(torch.randn(64, dim, generator=g), torch.rand(64, 21, generator=g) < 0.3,
                                max_pairs=max_pairs)
         kernels.launch_triton_percentiles(torch.rand(100).sort().values, torch.tensor(100), [0.0, -0.0])

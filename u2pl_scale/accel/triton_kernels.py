@@ -1,6 +1,7 @@
-"""The method's Triton kernels, for CUDA devices: each replaces a run of small torch ops where the eager method's
-cost on a GPU is the host's work to issue them. Where Triton is missing or a launch fails
-(warned once), the method uses torch ops; compiled code (train.compile_method) uses them too, except copy_rows_.
+"""The method's Triton kernels, for CUDA devices (the CUDA stages: accel/cuda.py): each replaces a run of small
+torch ops where the eager method's cost on a GPU is the host's work to issue them. Where Triton is missing or a
+launch fails (warned once), the reference torch ops run; compiled code (train.compile_method) uses them too, except
+copy_rows_.
 
 copy_rows_: dst[dst_index[i]] = src[src_index[i]] for the first `count` entries, `count` a device tensor. The
 queue push (queues.py) writes its kept (pixel, class) pairs compacted to a static size, the real pairs first
@@ -32,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from .buffers import constant_arange
+from ..method.queues import index_copy_rows
 
 try:
     import triton
@@ -186,7 +187,7 @@ def select_percentiles(sorted_values: torch.Tensor, count: torch.Tensor, fractio
 PERCENTILE_SLOTS = 4
 PUSH_BLOCK_ROWS = 64
 # columns per iteration of the push: a 64 x 64 tile is 32 values per thread of its 4 warps; a 64 x 256 tile took
-# all 255 registers and spilled (sm90, fp32; tests/unit/test_kernels.py checks the compiled resource usage)
+# all 255 registers and spilled (sm90, fp32; tests/unit/test_accel_triton.py checks the compiled resource usage)
 PUSH_BLOCK_D = 64
 _triton_failed: list[str] = []  # the error of a Triton launch that failed once (then torch ops from there on)
 
@@ -221,12 +222,8 @@ def _run_triton(tensor: torch.Tensor, launch: Callable, *args) -> tuple[bool, An
 
 def _copy_rows(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
                count: torch.Tensor, spare_row: int) -> None:
-    if _run_triton(dst, launch_triton, dst, dst_index, src, src_index, count)[0]:
-        return
-    if spare_row >= 0:  # the entries from `count` on are written to the spare row
-        padding = constant_arange(dst_index.shape[0], dst_index.device) >= count
-        dst_index = dst_index.masked_fill(padding, spare_row)
-    dst.index_copy_(0, dst_index, src.index_select(0, src_index).to(dst.dtype))
+    if not _run_triton(dst, launch_triton, dst, dst_index, src, src_index, count)[0]:
+        index_copy_rows(dst, dst_index, src, src_index, count, spare_row)
 
 
 @torch.library.custom_op("u2pl_scale::copy_rows_", mutates_args=("dst",))
@@ -242,10 +239,10 @@ def _(dst, dst_index, src, src_index, count, spare_row) -> None:
 
 def copy_rows_(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor,
                count: torch.Tensor, spare_row: int = -1) -> None:
-    """dst[dst_index[i]] = src[src_index[i]] for i < count. dst [R, D], src [S, D], indices [N] int64 (strided views
-    allowed), count a 0-d or 1-element int64 tensor on the same device. The entries from `count` on are not copied
-    where the device can skip them (Triton); elsewhere the index_copy_ writes them to `spare_row` if given (>= 0),
-    else to the rows their dst_index names: either way a row of dst that nothing reads.
+    """dst[dst_index[i]] = src[src_index[i]] for i < count (queues.index_copy_rows's contract). dst [R, D], src
+    [S, D], indices [N] int64 (strided views allowed), count a 0-d or 1-element int64 tensor on the same device.
+    The entries from `count` on are not copied where the device can skip them (Triton); elsewhere the index_copy_
+    writes them to `spare_row` if given (>= 0), else to the rows their dst_index names: a row nothing reads.
 
     Traced code calls the custom operator (one call in the graph, which CUDA graphs capture); eager code calls the
     implementation directly, since a torch.library custom op costs about 30 us of host time per call in eager mode
