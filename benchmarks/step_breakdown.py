@@ -1,8 +1,9 @@
 """Where one U2PL training step spends its time (U2PL_SPEC.md section 3), on the real model.
 
 Two measurements per run:
-- total: the real step as the trainer runs it: next batch + prepare (H2D, normalise), `u2pl_step` from
-  u2pl_scale/engine/step.py, backward, optimiser + LR schedule step, EMA update. No synchronisation inside the step
+- total: the real step, `Trainer.train_step` of a Trainer built from the config (the trainer's models, engine,
+  optimiser, queues and method stages; this script feeds it batches): prepare (H2D, normalise), `u2pl_step`,
+  backward, optimiser + LR schedule step, the non-finite guard, EMA update. No synchronisation inside the step
   (one at its end, to time it). On GPU the host-device syncs inside these steps are counted with
   torch.cuda.set_sync_debug_mode("warn") (no logging steps are run, so this must be 0).
 - breakdown: the same work cut into parts, with a device synchronize between parts (separate steps, so the syncs do
@@ -45,12 +46,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import copy
 import dataclasses
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -65,25 +66,18 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from u2pl_scale import accel  # noqa: E402
-from u2pl_scale.config import COMPILE_METHOD_MODES, load_config, queue_capacities  # noqa: E402
-from u2pl_scale.data.transforms import normalize  # noqa: E402
-from u2pl_scale.engine.optim import build_optimizer, build_scheduler  # noqa: E402
-from u2pl_scale.precision import DTYPES, autocast, configure_cudnn  # noqa: E402
+from u2pl_scale.config import COMPILE_METHOD_MODES, load_config  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
-    StepConfig,
-    check_method_mode,
     method_runs_in_graph,
     method_runs_in_profile,
     run_method_losses,
     pseudo_labels,
     supervised_loss,
     teacher_targets,
-    u2pl_step,
 )
-from u2pl_scale.method import ClassQueues  # noqa: E402
+from u2pl_scale.engine.trainer import Trainer  # noqa: E402
 from u2pl_scale.method import ema  # noqa: E402
-from u2pl_scale.model import build_model  # noqa: E402
+from u2pl_scale.precision import DTYPES  # noqa: E402
 
 PARTS = ("data wait", "teacher forward", "student fwd+bwd", "method work", "optimizer+EMA")
 PROGRESS = 0.1  # epoch / epochs: drop 18 %, alpha_t 18 %
@@ -129,8 +123,9 @@ def synthetic_batches(cfg, batch: int, crop: int, count: int, seed: int = 0):
                 memory_format=torch.channels_last)
         label = torch.randint(0, cfg.data.num_classes, (batch, crop, crop), dtype=torch.uint8, generator=gen)
         label[:, : crop // 16] = cfg.data.ignore_index
-        out.append(({"image": image(), "label": label},
-                    {"image": image(), "valid": torch.ones(batch, crop, crop, dtype=torch.bool)}))
+        keys = [f"synthetic/{len(out)}/{i}" for i in range(batch)]
+        out.append(({"image": image(), "label": label, "key": keys},
+                    {"image": image(), "valid": torch.ones(batch, crop, crop, dtype=torch.bool), "key": keys}))
     while True:
         yield from out
 
@@ -186,59 +181,51 @@ def main() -> None:
     if args.data == "demo":
         overrides += [f"data.labeled={ROOT / 'shards/demo/labeled'}",
                       f"data.unlabeled={ROOT / 'shards/demo/unlabeled'}", "data.num_classes=6", "data.num_workers=1"]
+    # the trainer's own set-up (models, engine, optimiser, schedule, queues, the method's stages) and step; this
+    # script feeds the batches and times the parts
+    overrides += [f"train.device={device.type}", f"train.channels_last={str(args.channels_last).lower()}",
+                  f"train.num_threads={0 if on_gpu else args.threads}", "method.sup_only_epoch=0",
+                  "data.unlabeled_size=100000", "train.log_interval=1000000000", "train.progress_bar=false",
+                  f"train.run_dir={tempfile.mkdtemp(prefix='step_breakdown_')}"]
     cfg = load_config(args.config, overrides)
-    check_method_mode(cfg.train, device)
-    stages = accel.select(device, compiled=cfg.train.compile_method and cfg.train.compile_method_mode != "cuda-graph",
-                          implementation=cfg.train.method_implementation)  # as the Trainer picks them
-    sc = StepConfig.from_config(cfg, stages)
-    num_classes = cfg.data.num_classes
     torch.manual_seed(0)
-    configure_cudnn(device, cfg.train.cudnn_benchmark)
-
-    model = build_model(cfg.model, num_classes).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    teacher = copy.deepcopy(model)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
+    trainer = Trainer(cfg, check_data=args.data == "demo")
+    sc, model, teacher, queues = trainer.sc, trainer.module, trainer.teacher, trainer.queues
+    optimizer, scheduler = trainer.backend.optimizer, trainer.backend.scheduler
+    num_classes = cfg.data.num_classes
     total_steps = 3 * (args.steps + args.warmup) + 1  # real, without-method and timed steps, + the FLOP count
-    scheduler = build_scheduler(optimizer, 1000, cfg.optim.poly_power)
-    queue_dtype = DTYPES[{"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.method.contrastive.queue_dtype]]
-    queues = ClassQueues(num_classes, cfg.model.rep_dim, queue_capacities(cfg), device=device, dtype=queue_dtype,
-                         write=stages.queue_write)
     queues.buffer.normal_()  # steady state: full queues of unit rows
     queues.buffer.div_(queues.buffer.norm(dim=1, keepdim=True))
     queues.fill.copy_(queues.capacities)
-    autocast_ctx = lambda: autocast(args.precision, device)  # noqa: E731
+    autocast_ctx = trainer.autocast_ctx
     batches = (demo_batches(cfg, args.batch, total_steps) if args.data == "demo"
                else synthetic_batches(cfg, args.batch, crop, 4))
-    steps_since_copy = 0
 
     def prepare(batch_l, batch_u):
-        x_l = normalize(batch_l["image"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std, args.channels_last)
-        y_l = batch_l["label"].to(device, non_blocking=True).long()
-        x_u = normalize(batch_u["image"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std, args.channels_last)
-        valid_u = batch_u["valid"].to(device, non_blocking=True)
-        return x_l, y_l, x_u, valid_u
+        x_l, y_l = trainer.prepare(batch_l)
+        x_u, _ = trainer.prepare(batch_u, with_label=False)
+        return x_l, y_l, x_u, batch_u["valid"].to(device, non_blocking=True)
 
     def optimizer_and_ema():
-        nonlocal steps_since_copy
+        """The parts' optimiser step and EMA update (Trainer.train_step's, without its non-finite guard)."""
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        ema.update_(teacher, model, steps_since_copy, cfg.method.ema_decay)
-        steps_since_copy += 1
+        ema.update_(teacher, model, trainer.steps_since_copy, cfg.method.ema_decay)
+        trainer.steps_since_copy += 1
 
     # ---------------------------------------------------------------- total: the real step, no inner syncs
-    def real_step(step_config=sc, inspect=None):
+    def real_step(step_config=None, inspect=None):
+        """Trainer.train_step, as training runs it; `inspect(loss)` reads the step's autograd graph after it."""
         batch_l, batch_u = next(batches)
-        x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
-        terms = u2pl_step(step_config, model, teacher, queues, x_l, y_l, x_u, valid_u, PROGRESS, autocast_ctx)
+        trainer.sc = step_config or sc
+        try:
+            terms, semi = trainer.train_step(batch_l, batch_u, PROGRESS)
+        finally:
+            trainer.sc = sc
+        assert semi
         if inspect is not None:
             inspect(terms["loss"])
-        terms["loss"].backward()
-        optimizer_and_ema()
 
     def forward(mark=lambda name: None):
         """Data, teacher forwards and the student forward with its supervised loss, as u2pl_step does them;
@@ -455,7 +442,7 @@ def main() -> None:
     for name in PARTS:
         print(f"| {name} | {1000 * median[name]:.1f} | {100 * median[name] / parts_sum:.1f} |")
     print(f"| sum of parts (breakdown mode, synced between parts) | {1000 * parts_sum:.1f} | 100.0 |")
-    print(f"| real step (u2pl_step, no inner syncs) | {1000 * total:.1f} | |")
+    print(f"| real step (Trainer.train_step, no inner syncs) | {1000 * total:.1f} | |")
     print(f"| real step, interleaved with the next row | {1000 * with_median:.1f} | |")
     print(f"| real step without the method work, interleaved | {1000 * without_median:.1f} | |")
     print(f"| step without the method work, before any step with it (first timed phase) | "

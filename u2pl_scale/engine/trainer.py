@@ -77,8 +77,10 @@ def queue_digest(queues: ClassQueues) -> str:
 class Trainer:
     """One training run: built from a config (process group, data schedule, models, engine, resume), then run()."""
 
-    def __init__(self, cfg: Config, hooks: TrainHooks | None = None):
-        self.cfg, self.hooks = cfg, hooks or TrainHooks()
+    def __init__(self, cfg: Config, hooks: TrainHooks | None = None, check_data: bool = True):
+        """`check_data=False`: the data sets are neither built nor checked, for a caller that feeds train_step its
+        own batches (benchmarks/step_breakdown.py; data.unlabeled_size must then be set)."""
+        self.cfg, self.hooks, self.check_data = cfg, hooks or TrainHooks(), check_data
         self.t_start = time.time()
         self._setup_process()
         self._setup_schedule()
@@ -110,7 +112,8 @@ class Trainer:
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
-        ensure_demo_data(cfg)
+        if self.check_data:
+            ensure_demo_data(cfg)
         unlabeled_size = cfg.data.unlabeled_size or (stream.unlabeled_size(cfg.data.unlabeled) or 0)
         self.derived = derived = derive(cfg, self.world, unlabeled_size)
         self.supervised_only = cfg.method.name == "supervised"
