@@ -8,8 +8,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "u2pl_scale"
-LAYERS = {"config": 0, "dist": 0, "atomic": 0, "precision": 0, "data": 1, "model": 1, "method": 1, "accel": 1.5,
-          "engine": 2, "inference": 3, "entry": 4}
+LAYERS = {"config": 0, "config_schema": 0, "dist": 0, "atomic": 0, "precision": 0, "data": 1, "model": 1,
+          "method": 1, "accel": 1.5, "engine": 2, "inference": 3, "entry": 4}
 # what u2pl_scale/method must not use: the process-global or device-specific machinery that u2pl_scale/accel holds
 NOT_IN_METHOD = ("os.environ", "getenv", "lru_cache", "functools.cache", "import threading", "ctypes",
                  "import triton", "torch.cuda", "set_num_threads", "global ", "_POOL")

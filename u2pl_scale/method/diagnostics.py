@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .contrastive import contrastive_inputs, contrastive_masks
+from .masks import contrastive_inputs, contrastive_masks
 from .reliability import alpha_t, downsample_nearest, drop_percent, reliability
 
 

@@ -47,7 +47,8 @@ def alpha_t(progress: Number, start: float = 20.0) -> Number:
     return start * (1.0 - progress)
 
 
-def percentiles(values: torch.Tensor, valid_mask: torch.Tensor, qs: Union[Sequence[Number], torch.Tensor]) -> torch.Tensor:
+def percentiles(values: torch.Tensor, valid_mask: torch.Tensor,
+                qs: Union[Sequence[Number], torch.Tensor]) -> torch.Tensor:
     """Percentiles `qs` (in [0, 100]) of `values[valid_mask]`, like numpy.percentile's default 'linear' method.
 
     One sort serves all `qs`. Returns a [len(qs)] fp32 tensor on the values' device. With no valid entry the

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from .contrastive import anchor_negatives, gather_pixels, negative_mask, prototype_rows
+from .contrastive import anchor_negatives, gather_pixels, prototype_rows
+from .masks import negative_mask
 from .losses import scaled_ce_sum
 from .queues import write_compacted
 from .reliability import entropy_from_logits, percentiles_and_count
