@@ -144,6 +144,18 @@ def test_a_cpu_run_takes_the_cpu_stages_for_every_method_pass(demo_shards, tmp_p
     assert handled == dict.fromkeys(names, 4), handled  # each of the 4 U2PL steps
 
 
+def test_method_implementation_reference_trains_with_the_reference_stages(demo_shards, tmp_path, monkeypatch):
+    """train.method_implementation=reference on CPU: the trainer never builds the CPU stages."""
+    from u2pl_scale.accel import cpu
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CPU stages were built")
+
+    monkeypatch.setattr(cpu, "cpu_stages", refuse)
+    summary, _ = run(tmp_path, "train.epochs=2", "train.method_implementation=reference", END_EVAL)
+    assert summary["steps"] == 8
+
+
 def test_supervised_only_method(demo_shards, tmp_path):
     summary, run_dir = run(tmp_path, "method.name=supervised", "train.epochs=2", END_EVAL)
     assert summary["steps"] == 8 and summary["evaluated_model"] == "student"
