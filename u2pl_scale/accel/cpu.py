@@ -3,8 +3,8 @@
 A CPU has no host/device boundary to protect, so these may read counts back (exact queue pushes, a radix select
 over the few wanted order statistics instead of a full sort), loop over cache-sized blocks so that a pass's
 temporaries stay in cache, and reuse their large buffers (accel/buffers.py). Each returns what its reference stage
-in u2pl_scale/method returns (tests/unit/test_accel_cpu.py compares them). Measured at the VOC shapes on 2 cores,
-they take the method from about 0.28 s to 0.18 s per step (benchmarks/method_overhead.py).
+in u2pl_scale/method returns (tests/unit/test_accel_cpu.py compares them). At the VOC shapes they take less than
+half the reference's time on CPU (benchmarks/method_overhead.py).
 
 Only eager CPU code takes them: traced code (train.compile_method) and accelerators run the reference.
 """
