@@ -18,7 +18,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +36,46 @@ def _override_value(overrides: list[str], key: str):
         if item.split("=", 1)[0].strip() == key:
             value = item.split("=", 1)[1]
     return value
+
+
+# how long a task that Slurm is stopping waits for its SIGKILL (Slurm's KillWait, 30 s by default) before it reports
+# its error after all
+STOPPING_GRACE_S = 120
+
+
+def note_sigterm() -> threading.Event:
+    """An event set when this process receives SIGTERM, which Slurm sends every task of a job it requeues or
+    cancels (then SIGKILL after KillWait). The handler chains to the one installed before (submitit's)."""
+    stopping = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        stopping.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return stopping
+
+
+def run_unless_stopped(function, stopping: threading.Event, grace_s: float = STOPPING_GRACE_S):
+    """function(); but if it fails after Slurm began stopping the job (`stopping` set), wait up to `grace_s` for
+    Slurm's SIGKILL instead of returning the error: with `scontrol requeue` a task whose peer was killed first fails
+    in a collective, and submitit would record that as the job's result, which `--follow` then reports although the
+    requeued job goes on and succeeds."""
+    try:
+        return function()
+    except Exception:
+        if not stopping.is_set():
+            raise
+        print("[slurm] this task failed while Slurm was stopping the job (requeue or cancel): waiting for Slurm to "
+              "end it instead of recording the failure", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        raise
 
 
 class TrainJob:
@@ -60,8 +103,7 @@ class TrainJob:
             where = f"resuming from {found[-1]}" if found else "starting fresh"
             print(f"[slurm] job {os.environ.get('SLURM_JOB_ID')} (restart {restarts}): {where}; "
                   f"run dir {run_dir}", flush=True)
-        summary = run_training(self.config, overrides)
-        return summary
+        return run_unless_stopped(lambda: run_training(self.config, overrides), note_sigterm())
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption/time-out (SIGUSR2): requeue the same job; the checkpoints written
