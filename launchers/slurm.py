@@ -126,10 +126,13 @@ class EvalJob:
             sys.path.insert(0, self.repo)
         from u2pl_scale.inference.evaluate_cli import run_evaluation
 
-        code, result = run_evaluation(self.argv)
-        if code:
-            raise RuntimeError(f"evaluation failed with exit code {code} (see the task's .err log)")
-        return result
+        def evaluate():
+            code, result = run_evaluation(self.argv)
+            if code:
+                raise RuntimeError(f"evaluation failed with exit code {code} (see the task's .err log)")
+            return result
+
+        return run_unless_stopped(evaluate, note_sigterm())
 
     def checkpoint(self, *args, **kwargs):
         import submitit
