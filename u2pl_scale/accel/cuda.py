@@ -9,7 +9,7 @@ import functools
 import torch
 
 from ..method.queues import write_compacted
-from ..method.reliability import fractions, interpolated
+from ..method.reliability import fractions, interpolated, sorted_valid
 from ..method.stages import REFERENCE, Stages
 from . import triton_kernels
 
@@ -29,11 +29,7 @@ def percentiles_and_count(values, valid_mask, qs, masked=None):
     (launch_triton_percentiles) where the reference takes a dozen small ops."""
     if torch.is_tensor(qs):
         return REFERENCE.percentiles_and_count(values, valid_mask, qs, masked)
-    valid = valid_mask.reshape(-1).to(torch.bool)
-    count = valid.sum()
-    ordered = masked.reshape(-1) if masked is not None else torch.where(valid, values.reshape(-1).float(),
-                                                                         float("inf"))
-    sorted_values = torch.sort(ordered).values
+    sorted_values, count = sorted_valid(values, valid_mask, masked)
     selected = triton_kernels.select_percentiles(sorted_values, count, fractions(qs))
     if selected is None:
         return interpolated(lambda bounds: sorted_values[bounds], count, qs), count

@@ -236,11 +236,12 @@ def contrastive_prepare(
     num_classes = prob_teacher.shape[1]
     with fp32_region(rep_teacher.device), torch.no_grad():
         pixel = _pixel_classes(prob_teacher, labels, low_mask, high_mask, num_labeled, anchor_threshold,
-                               negative_threshold, low_rank, high_rank, _stage(stages, "negative_mask"))
+                               negative_threshold, low_rank, high_rank,
+                               stages.negative_mask if stages is not None else negative_mask)
         rows = pixel_rows(rep_teacher.detach().float())  # [P, D]: a view when channels-last
         # prototypes: mean teacher feature per class over its low-entropy pixels; unit rows for the queues
-        push_rows, sums, pixels_per_class = _stage(stages, "prototype_rows")(rows, pixel.prototype_label,
-                                                                            num_classes, queue_dtype)
+        prototypes_of = stages.prototype_rows if stages is not None else prototype_rows
+        push_rows, sums, pixels_per_class = prototypes_of(rows, pixel.prototype_label, num_classes, queue_dtype)
         class_present = pixels_per_class > 0
         negative_pc = pixel.negative.reshape(num_classes, -1).t()  # [P, C] view of a class-major tensor
         return ContrastivePrepared(pixel, sums, pixels_per_class, class_present, class_present.sum(), push_rows,
@@ -281,9 +282,11 @@ def contrastive_finish(
         class_weight = class_used / torch.where(num_present >= 2, num_present * float(num_anchors), float("inf"))
 
     with fp32_region(rep.device):
-        anchors = _stage(stages, "gather_pixels")(rep, anchor_index.reshape(-1)).float()
+        gather = stages.gather_pixels if stages is not None else gather_pixels
+        negatives = stages.anchor_negatives if stages is not None else anchor_negatives
+        anchors = gather(rep, anchor_index.reshape(-1)).float()
         loss = _AnchorLoss.apply(anchors.reshape(num_classes, num_anchors, dim), prototypes_unit, queues.buffer,
-                                 negative_index, temperature, class_weight, _stage(stages, "anchor_negatives"))
+                                 negative_index, temperature, class_weight, negatives)
     return ContrastiveOutput(loss, anchor_index, negative_index, class_present, class_used, num_present,
                              prepared.prototype_sums, prepared.prototype_counts)
 
@@ -323,12 +326,3 @@ def contrastive_loss(
     push_prepared(prepared, queues, group)
     return contrastive_finish(rep, prepared, queues, num_anchors=num_anchors, num_negatives=num_negatives,
                               temperature=temperature, generator=generator, stages=stages)
-
-
-_REFERENCE = {"negative_mask": negative_mask, "prototype_rows": prototype_rows, "gather_pixels": gather_pixels,
-              "anchor_negatives": anchor_negatives}
-
-
-def _stage(stages, name: str):
-    """The implementation of stage `name`: from `stages` (method/stages.py) if given, else this module's."""
-    return getattr(stages, name) if stages is not None else _REFERENCE[name]

@@ -63,12 +63,18 @@ def percentiles_and_count(values: torch.Tensor, valid_mask: torch.Tensor,
     """`percentiles`, and the number of valid entries (0-dim long) it counted on the way. `masked`, if given, is
     `values` with NaN at the invalid entries (reliability has it anyway): it is sorted as it is, NaN last (as
     torch.sort orders a positive NaN on every device), where the values would otherwise be masked with +inf."""
-    flat = values.reshape(-1).float()
-    valid = valid_mask.reshape(-1).to(torch.bool)
-    count = valid.sum()
-    ordered = masked.reshape(-1) if masked is not None else torch.where(valid, flat, float("inf"))
-    sorted_values = torch.sort(ordered).values  # one sort (a radix sort on CUDA), invalid entries last
+    sorted_values, count = sorted_valid(values, valid_mask, masked)
     return interpolated(lambda bounds: sorted_values[bounds], count, qs), count
+
+
+def sorted_valid(values: torch.Tensor, valid_mask: torch.Tensor,
+                 masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All values sorted by one sort (a radix sort on CUDA), the invalid entries last, and the number of valid
+    entries (0-dim long); `masked` as in percentiles_and_count."""
+    valid = valid_mask.reshape(-1).to(torch.bool)
+    ordered = masked.reshape(-1) if masked is not None else torch.where(valid, values.reshape(-1).float(),
+                                                                         float("inf"))
+    return torch.sort(ordered).values, valid.sum()
 
 
 def fractions(qs: Sequence[Number]) -> list[float]:
