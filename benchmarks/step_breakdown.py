@@ -35,10 +35,10 @@ the method is therefore also timed first, before any step with the method has ru
 again after the breakdown steps; with the method eager the two show the machine's drift alone.
 
 CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129, 2 + 2 images, VOC (21 classes,
-full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is resnet101, crop 513, 2 + 2.
+full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is the config's model and crop, 2 + 2.
     python benchmarks/step_breakdown.py [--device cpu|cuda] [--backbone resnet18] [--crop 129] [--batch 2]
         [--precision fp32|bf16] [--channels-last] [--steps 5] [--warmup 2] [--data synthetic|demo] [--threads 2]
-        [--compile-method [MODE]]
+        [--compile-method [MODE]] [--compile-model] [--no-fused-optimizer] [--profile-step [ROWS]]
 """
 
 from __future__ import annotations
@@ -113,6 +113,38 @@ def measured_matmul_peak(device: torch.device, precision: str) -> float:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
 
 
+def describe_optimizer(optimizer) -> str:
+    group = optimizer.param_groups[0]
+    kind = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
+    return f"{type(optimizer).__name__} ({kind})"
+
+
+def profile_one_step(step, on_gpu: bool, rows: int) -> str:
+    """The top `rows` ops and kernels of one call of `step` by self GPU time (self CPU time on a CPU), and on a GPU
+    the share of the step's wall time in which a kernel ran (near 100 %: GPU-bound; far below: the host's launches
+    set the pace)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    lines = [f"one real step, profiled: {1000 * wall:.1f} ms wall (profiler overhead included); top {rows} by {key}"]
+    if on_gpu:
+        try:  # kernels, copies and memsets; a sum, so kernels overlapping on two streams count twice
+            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+            lines.append(f"GPU activities: {len(kernels)}, {1000 * busy:.1f} ms summed, "
+                         f"{100 * busy / wall:.0f} % of the step's wall time")
+        except Exception as error:  # the table below is the point; this summary must not lose it
+            lines.append(f"GPU activity sum unavailable: {error!r}")
+    lines.append(averages.table(sort_by=key, row_limit=rows, max_name_column_width=70))
+    return "\n".join(lines)
+
+
 def synthetic_batches(cfg, batch: int, crop: int, count: int, seed: int = 0):
     """`count` labeled + unlabeled uint8 batches as the shard stream yields them (channels-last images)."""
     gen = torch.Generator().manual_seed(seed)
@@ -142,8 +174,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default=str(ROOT / "configs" / "voc_1464.yaml"))
-    parser.add_argument("--backbone", default=None, help="timm name (default resnet101 on GPU, resnet18 on CPU)")
-    parser.add_argument("--crop", type=int, default=None, help="default 513 on GPU, 129 on CPU")
+    parser.add_argument("--backbone", default=None, help="timm name (default: the config's on GPU, resnet18 on CPU)")
+    parser.add_argument("--crop", type=int, default=None, help="default: the config's on GPU, 129 on CPU")
     parser.add_argument("--batch", type=int, default=2, help="B_l = B_u per step")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
@@ -160,6 +192,12 @@ def main() -> None:
                         help="print a torch.profiler table (by self CPU time) of the method work of one breakdown step")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="train.cudnn_benchmark=false (cuDNN's heuristic convolution algorithms, no autotuning)")
+    parser.add_argument("--compile-model", action="store_true",
+                        help="train.compile: torch.compile of the student's and the teacher's forward")
+    parser.add_argument("--no-fused-optimizer", action="store_true", help="optim.fused=false (the foreach kernels)")
+    parser.add_argument("--profile-step", type=int, nargs="?", const=25, default=0, metavar="ROWS",
+                        help="after everything is timed, profile one real step and print its top ROWS ops and kernels "
+                             "by self GPU time (CPU time on a CPU), and how busy the GPU was during the step")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -168,14 +206,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.steps = args.steps or (10 if on_gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    backbone = args.backbone or ("resnet101" if on_gpu else "resnet18")
-    crop = args.crop or (513 if on_gpu else 129)
+    config = load_config(args.config)  # on a GPU the config's own model and crop (the published setting)
+    backbone = args.backbone or (config.model.backbone if on_gpu else "resnet18")
+    crop = args.crop or (config.data.crop_size if on_gpu else 129)
     overrides = [f"model.backbone={backbone}", "model.pretrained=false", f"data.crop_size={crop}",
                  f"train.precision={args.precision}"]
-    if backbone != load_config(args.config).model.backbone:  # the config's multi-grid fits its own backbone only
+    if backbone != config.model.backbone:  # the config's multi-grid fits its own backbone only
         overrides += ["model.multi_grid=[]"]
     if args.no_cudnn_benchmark:
         overrides += ["train.cudnn_benchmark=false"]
+    if args.compile_model:
+        overrides += ["train.compile=true"]
+    if args.no_fused_optimizer:
+        overrides += ["optim.fused=false"]
     if args.compile_method:
         overrides += ["train.compile_method=true", f"train.compile_method_mode={args.compile_method}"]
     if args.data == "demo":
@@ -433,7 +476,8 @@ def main() -> None:
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"U2PL step breakdown: {backbone}, crop {crop}, {args.batch} + {args.batch} images, {num_classes} classes, "
           f"{args.precision}, {'channels-last' if args.channels_last else 'contiguous'}, data {args.data}, {where}, "
-          f"method {f'compiled ({args.compile_method})' if args.compile_method else 'eager'}; "
+          f"method {f'compiled ({args.compile_method})' if args.compile_method else 'eager'}, "
+          f"model {'compiled' if args.compile_model else 'eager'}, optimiser {describe_optimizer(optimizer)}; "
           f"median of {args.steps} steps; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
     print()
@@ -480,6 +524,10 @@ def main() -> None:
               "compiled or captured regions | CUDA graph launches | eager _AnchorLoss nodes |")
         print("| --- | --- | --- | --- |")
         print("\n".join(probes))
+    if args.profile_step:
+        # last: a CUDA profile can leave CUPTI attached to the process, which slows every later launch (see probe)
+        print()
+        print(profile_one_step(lambda: (real_step(), sync(device)), on_gpu, args.profile_step))
 
 
 if __name__ == "__main__":
