@@ -79,6 +79,9 @@ run breakdown_2x2_compiled_method 120 240 python3 benchmarks/step_breakdown.py $
 run breakdown_8x8 50 120 python3 benchmarks/step_breakdown.py $DEV $BF16 --batch 8 --profile-step 30
 run breakdown_dinov2_b_4x4 60 150 python3 benchmarks/step_breakdown.py $VIT $BF16 --batch 4 --profile-step 30 \
     --config configs/voc_1464_dinov2_b.yaml
+# the eager 2 + 2 again, minutes after the compiled method's run: a slower compiled run with this one as fast as the
+# first is a cost of compiling (stop 15's open question); all three alike slow, the machine's drift
+run breakdown_2x2_again 40 120 python3 benchmarks/step_breakdown.py $DEV $BF16
 run breakdown_2x2_compiled_model 200 300 python3 benchmarks/step_breakdown.py $DEV $BF16 --compile-model \
     --compile-method --profile-step 30
 # 4. while time is left: the method alone, the captured-by-hand method, the knobs
