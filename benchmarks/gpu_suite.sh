@@ -69,7 +69,7 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider --durations=15"
 # 1. the GPU tests: the Triton queue push and percentiles against the CPU ones, no host sync in eager / compiled /
 # CUDA-graph steps, the CUDA-graph replays (compiled and captured by hand), the eager and method-compiled CUDA
 # training runs; the timings below assume they pass
-run tests 150 240 $PYTEST tests/gpu/test_gpu.py tests/unit/test_no_host_sync.py -k "not all-compiled"
+run tests 150 240 $PYTEST tests/gpu/test_gpu.py tests/unit/test_no_host_sync.py -k "not all-compiled and not all-graphs"
 # 2. the published 2 + 2 step: eager method (with the step's top kernels), then the method compiled as CUDA graphs
 # (train.compile_method, the fastest mode so far); each run's "without the method, before / after" rows tell
 # whether compiling slows the process's other work
@@ -82,18 +82,22 @@ run breakdown_dinov2_b_4x4 60 150 python3 benchmarks/step_breakdown.py $VIT $BF1
 # the eager 2 + 2 again, minutes after the compiled method's run: a slower compiled run with this one as fast as the
 # first is a cost of compiling (stop 15's open question); all three alike slow, the machine's drift
 run breakdown_2x2_again 40 120 python3 benchmarks/step_breakdown.py $DEV $BF16
-run breakdown_2x2_compiled_model 200 300 python3 benchmarks/step_breakdown.py $DEV $BF16 --compile-model \
+# the whole step's model and method as CUDA graphs (torch.compile reduce-overhead): the launch-bound 2 + 2's way
+run breakdown_2x2_graphs 200 300 python3 benchmarks/step_breakdown.py $DEV $BF16 --compile-model reduce-overhead \
     --compile-method --profile-step 30
 # 4. while time is left: the method alone, the captured-by-hand method, the knobs
 run overhead_voc 30 60 python3 benchmarks/method_overhead.py $MDEV --shape voc --profile
 run overhead_voc_compiled 60 180 python3 benchmarks/method_overhead.py $MDEV --shape voc --compile --profile
 cuda_only breakdown_2x2_captured_method 60 120 python3 benchmarks/step_breakdown.py $DEV $BF16 \
     --compile-method cuda-graph
+run breakdown_2x2_compiled_model 200 300 python3 benchmarks/step_breakdown.py $DEV $BF16 --compile-model \
+    --compile-method
 run breakdown_2x2_no_cudnn_benchmark 50 120 python3 benchmarks/step_breakdown.py $DEV $BF16 --no-cudnn-benchmark
 run breakdown_2x2_foreach_optimizer 50 120 python3 benchmarks/step_breakdown.py $DEV $BF16 --no-fused-optimizer
 run host_cost 10 60 python3 benchmarks/method_overhead.py --host-cost
 run breakdown_fp32 60 120 python3 benchmarks/step_breakdown.py $DEV --precision fp32
 run overhead_cityscapes 30 60 python3 benchmarks/method_overhead.py $MDEV --shape cityscapes
+run test_run_graphs 250 300 $PYTEST --timeout=280 tests/gpu/test_gpu.py -m slow -k all-graphs
 run test_run_compiled 250 300 $PYTEST --timeout=280 tests/gpu/test_gpu.py -m slow -k all-compiled
 rm -f "$OUT/last.log"
 echo "=== summary ($SECONDS s)"; cat "$OUT/summary.txt"

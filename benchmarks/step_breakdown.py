@@ -38,7 +38,7 @@ CPU-sized default (about 1-2 minutes on a loaded 2-core CPU): resnet18, crop 129
 full-size queues 50000 + 20 x 30000 of 256-d). On GPU the default is the config's model and crop, 2 + 2.
     python benchmarks/step_breakdown.py [--device cpu|cuda] [--backbone resnet18] [--crop 129] [--batch 2]
         [--precision fp32|bf16] [--channels-last] [--steps 5] [--warmup 2] [--data synthetic|demo] [--threads 2]
-        [--compile-method [MODE]] [--compile-model] [--no-fused-optimizer] [--profile-step [ROWS]]
+        [--compile-method [MODE]] [--compile-model [MODE]] [--no-fused-optimizer] [--profile-step [ROWS]]
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from u2pl_scale.config import COMPILE_METHOD_MODES, load_config  # noqa: E402
+from u2pl_scale.config import COMPILE_METHOD_MODES, MODEL_COMPILE_MODES, load_config  # noqa: E402
 from u2pl_scale.engine.step import (  # noqa: E402
+    begin_model_step,
     method_runs_in_graph,
     method_runs_in_profile,
     run_method_losses,
@@ -192,8 +193,9 @@ def main() -> None:
                         help="print a torch.profiler table (by self CPU time) of the method work of one breakdown step")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="train.cudnn_benchmark=false (cuDNN's heuristic convolution algorithms, no autotuning)")
-    parser.add_argument("--compile-model", action="store_true",
-                        help="train.compile: torch.compile of the student's and the teacher's forward")
+    parser.add_argument("--compile-model", nargs="?", const="default", default=None, choices=MODEL_COMPILE_MODES,
+                        help="train.compile with this train.compile_mode (default: default; reduce-overhead: the "
+                             "model replayed as CUDA graphs on a GPU): the student's and the teacher's forward")
     parser.add_argument("--no-fused-optimizer", action="store_true", help="optim.fused=false (the foreach kernels)")
     parser.add_argument("--profile-step", type=int, nargs="?", const=25, default=0, metavar="ROWS",
                         help="after everything is timed, profile one real step and print its top ROWS ops and kernels "
@@ -216,7 +218,7 @@ def main() -> None:
     if args.no_cudnn_benchmark:
         overrides += ["train.cudnn_benchmark=false"]
     if args.compile_model:
-        overrides += ["train.compile=true"]
+        overrides += ["train.compile=true", f"train.compile_mode={args.compile_model}"]
     if args.no_fused_optimizer:
         overrides += ["optim.fused=false"]
     if args.compile_method:
@@ -273,6 +275,7 @@ def main() -> None:
     def forward(mark=lambda name: None):
         """Data, teacher forwards and the student forward with its supervised loss, as u2pl_step does them;
         `mark(part)` is called after each part."""
+        begin_model_step(sc)  # as Trainer.train_step does
         batch_l, batch_u = next(batches)
         x_l, y_l, x_u, valid_u = prepare(batch_l, batch_u)
         mark("data wait")
@@ -477,7 +480,8 @@ def main() -> None:
     print(f"U2PL step breakdown: {backbone}, crop {crop}, {args.batch} + {args.batch} images, {num_classes} classes, "
           f"{args.precision}, {'channels-last' if args.channels_last else 'contiguous'}, data {args.data}, {where}, "
           f"method {f'compiled ({args.compile_method})' if args.compile_method else 'eager'}, "
-          f"model {'compiled' if args.compile_model else 'eager'}, optimiser {describe_optimizer(optimizer)}; "
+          f"model {f'compiled ({args.compile_model})' if args.compile_model else 'eager'}, "
+          f"optimiser {describe_optimizer(optimizer)}; "
           f"median of {args.steps} steps; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average {os.getloadavg()[0]:.1f}")
     print()

@@ -18,6 +18,7 @@ import yaml
 from .config_schema import (  # noqa: F401  (the schema is part of this module's interface)
     _CHOICES,
     COMPILE_METHOD_MODES,
+    MODEL_COMPILE_MODES,
     Config,
     ConfigError,
     ContrastiveConfig,

@@ -175,7 +175,10 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 where the device runs it natively, else fp32
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile of the student's and the teacher's forward
+    # its mode: reduce-overhead / max-autotune also replay the compiled model as CUDA graphs on a GPU (launch-bound
+    # steps; evaluation then runs the model eager, as its whole images change shape)
+    compile_mode: str = "default"
     compile_method: bool = False  # torch.compile of the method losses (step.method_losses) as one graph
     # its torch.compile mode: reduce-overhead replays it as CUDA graphs on a GPU (one launch instead of hundreds);
     # cuda-graph: no torch.compile, the eager method captured as CUDA graphs by hand (CUDA only)
@@ -221,7 +224,10 @@ class Config:
 # torch.compile's modes, and "cuda-graph": the eager method captured by hand as CUDA graphs (engine/graphed.py)
 COMPILE_METHOD_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graph")
 
+MODEL_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 _CHOICES = {
+    "train.compile_mode": MODEL_COMPILE_MODES,
     "train.compile_method_mode": COMPILE_METHOD_MODES,
     "train.method_implementation": ("auto", "reference"),
     "data.on_bad_sample": ("skip", "error"),

@@ -223,18 +223,21 @@ def test_method_captured_by_hand_in_two_graphs_around_the_gather_replays_the_eag
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_compiled, method_compiled, method_mode",
-                         [(False, False, "reduce-overhead"), (False, True, "cuda-graph"),
-                          (False, True, "reduce-overhead"), (True, True, "reduce-overhead")],
-                         ids=["eager", "method-captured", "method-compiled", "all-compiled"])
-def test_cuda_training_run_bf16_channels_last(demo_shards, tmp_path, model_compiled, method_compiled, method_mode):
+@pytest.mark.parametrize("model_mode, method_compiled, method_mode",
+                         [(None, False, "reduce-overhead"), (None, True, "cuda-graph"),
+                          (None, True, "reduce-overhead"), ("default", True, "reduce-overhead"),
+                          ("reduce-overhead", True, "reduce-overhead")],
+                         ids=["eager", "method-captured", "method-compiled", "all-compiled", "all-graphs"])
+def test_cuda_training_run_bf16_channels_last(demo_shards, tmp_path, model_mode, method_compiled, method_mode):
     """A short CUDA training run: eager; with the method captured by hand as CUDA graphs (no compiling); with the
     method compiled (CUDA graphs, the default mode; about a minute of compiling); with the student and teacher
-    compiled too (several minutes of compiling)."""
+    compiled too (several minutes of compiling), and the same with the model replayed as CUDA graphs (each step
+    marked once by the model, evaluation eager)."""
     from u2pl_scale.engine.trainer import train
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         "train.device=cuda", "train.precision=bf16", "train.channels_last=true",
-        f"train.compile={str(model_compiled).lower()}", f"train.compile_method={str(method_compiled).lower()}",
+        f"train.compile={str(model_mode is not None).lower()}", f"train.compile_mode={model_mode or 'default'}",
+        f"train.compile_method={str(method_compiled).lower()}",
         f"train.compile_method_mode={method_mode}",
         "train.progress_bar=false", "data.steps_per_epoch=4", "train.epochs=2",
         f"train.run_dir={tmp_path}"])

@@ -94,8 +94,8 @@ class MethodParts:
 
 class GraphedMethod:
     """method_losses(sc, inputs..., queues, progress) for one input signature, as a forward and a backward graph
-    over static inputs. `method(sc, *inputs, queues, progress_tensor)` must be capturable (static shapes, no host reads) and
-    return (unsup, contra, reliable ratio); the first two inputs (the student's logits and features) get
+    over static inputs. `method(sc, *inputs, queues, progress_tensor)` must be capturable (static shapes, no host
+    reads) and return (unsup, contra, reliable ratio); the first two inputs (the student's logits and features) get
     gradients. With `parts` and `world` > 1 the forward is two graphs, `parts.before` with the packing of the push
     rows and the push with `parts.after`, and between them the eager all-gather of the packed rows into a fixed
     buffer (collectives are left out of the graphs); one backward graph still covers both."""

@@ -6,6 +6,7 @@ branch on tensor values), so the GPU never waits inside the step. Logging reads 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class StepConfig:
     temperature: float
     compile_method: bool = False
     compile_method_mode: str = "reduce-overhead"
+    model_graphs: bool = False  # the model compiled as CUDA graphs (train.compile_mode): it marks the steps
     stages: Stages = REFERENCE  # the method's stage implementations (u2pl_scale.accel.select)
 
     @classmethod
@@ -62,7 +64,7 @@ class StepConfig:
                    negative_threshold=c.negative_threshold, low_rank=c.low_rank, high_rank=c.high_rank,
                    num_anchors=c.num_anchors, num_negatives=c.num_negatives, temperature=c.temperature,
                    compile_method=cfg.train.compile_method, compile_method_mode=cfg.train.compile_method_mode,
-                   stages=stages)
+                   model_graphs=cfg.train.compile and uses_cuda_graphs(cfg.train.compile_mode), stages=stages)
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:
@@ -212,17 +214,34 @@ def uses_cuda_graphs(mode: str) -> bool:
     return mode in ("reduce-overhead", "max-autotune")
 
 
-def begin_graph_step(queues, mode: str) -> None:
+def begin_graph_step(queues, mode: str, mark_step: bool = True) -> None:
     """Before each call of the method compiled with `mode`. With CUDA graphs: the queue tensors, updated in place
     by the method, become static inputs (fixed addresses, which a graph may write; inductor would otherwise skip CUDA
     graphs for a graph that mutates its inputs), and a new step begins (the last step's graph outputs are no longer
-    read, so the next replay may overwrite them)."""
+    read, so the next replay may overwrite them) unless the caller marks steps itself (`mark_step` False: the model
+    is graphed too, and its outputs of this step must live on through the method)."""
     if not uses_cuda_graphs(mode):
         return
     for tensor in queues.state_dict().values():
         if getattr(tensor, "_dynamo_static_input_type", None) is None:
             torch._dynamo.mark_static_address(tensor)
-    torch.compiler.cudagraph_mark_step_begin()
+    if mark_step:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def model_eager_while_evaluating(sc: StepConfig):
+    """Where the model replays as CUDA graphs: a context in which it runs eager. Evaluation's whole images change
+    shape from one image to the next, and each shape would record (and keep) a graph of its own."""
+    if sc.model_graphs and hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+def begin_model_step(sc: StepConfig) -> None:
+    """At the start of each training step whose model replays as CUDA graphs: the last step's graph outputs are
+    no longer read, so this step's replays may overwrite them."""
+    if sc.model_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def method_runs_in_profile(prof) -> dict:
@@ -272,7 +291,7 @@ def run_method_losses(sc: StepConfig, pred, rep, y_l, pseudo_u, prob_t, rep_t, l
         return graphed_method_losses(queues)(sc, inputs, queues, progress, generator)
     if generator is not None:
         raise ValueError("train.compile_method draws from torch's global RNG; it takes no generator")
-    begin_graph_step(queues, sc.compile_method_mode)
+    begin_graph_step(queues, sc.compile_method_mode, mark_step=not sc.model_graphs)
     out = compiled_method_losses(sc.compile_method_mode)(sc, pred, rep, y_l, pseudo_u, prob_t, rep_t, logits_u_t,
                                                          queues, progress_tensor(progress, pred.device))
     # CUDA-graph outputs live in the graph's memory pool until its next replay: the caller may keep them longer

@@ -35,7 +35,8 @@ from .metering import Meter, method_metrics
 from .optim import build_optimizer, build_scheduler, describe_groups
 from .outputs import RunOutputs, save_prediction_grid
 from ..precision import DTYPES, autocast, configure_cudnn, resolve_precision
-from .step import StepConfig, check_method_mode, supervised_step, u2pl_step
+from .step import StepConfig, begin_model_step, check_method_mode, model_eager_while_evaluating, supervised_step, \
+    u2pl_step
 
 
 def ensure_demo_data(cfg: Config) -> None:
@@ -153,8 +154,8 @@ class Trainer:
         self.student, self.module = backend.forward_model, backend.module
         if cfg.train.compile:
             # nn.Module.compile compiles forward in place, so state_dict keys (checkpoints, EMA) are unchanged
-            self.module.compile()
-            teacher.compile()
+            self.module.compile(mode=cfg.train.compile_mode)
+            teacher.compile(mode=cfg.train.compile_mode)
         c = cfg.method.contrastive
         stages = accel.select(device, compiled=cfg.train.compile_method and cfg.train.compile_method_mode !=
                               "cuda-graph", implementation=cfg.train.method_implementation)
@@ -223,9 +224,10 @@ class Trainer:
         eval_model = self.teacher if self.semi_started else self.module
         dist.broadcast_buffers_(eval_model)  # the figure is that of the model rank 0 saves
         val_loader = stream.make_val_loader(cfg.data, self.rank, self.world)
-        result = evaluate(eval_model, val_loader, self.prepare, cfg.data.num_classes, cfg.data.ignore_index,
-                          cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride_rate, self.autocast_ctx, keep_pictures,
-                          cfg.data.batch_size_val)
+        with model_eager_while_evaluating(self.sc):
+            result = evaluate(eval_model, val_loader, self.prepare, cfg.data.num_classes, cfg.data.ignore_index,
+                              cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride_rate, self.autocast_ctx,
+                              keep_pictures, cfg.data.batch_size_val)
         result["model"] = "teacher" if self.semi_started else "student"
         self.val_bad.update(result["bad_samples"])  # the last eval's skipped val samples (each eval reads the set)
         if result["miou"] > self.best_miou:
@@ -290,6 +292,7 @@ class Trainer:
         """One step: the supervised warm-up or the U2PL step, backward and optimiser (skipped when not finite), the
         EMA teacher, the counters. Returns the step's terms (device tensors) and whether it was semi-supervised."""
         cfg, step, guard, teacher, module = self.cfg, self.step, self.guard, self.teacher, self.module
+        begin_model_step(self.sc)
         x_l, y_l = self.prepare(batch_l)
         semi = not self.supervised_only and step >= self.derived.sup_only_steps
         if semi and not self.semi_started:
