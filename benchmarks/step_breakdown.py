@@ -452,6 +452,10 @@ def main() -> None:
     probe("breakdown steps")
     model_only_after = model_only_median()
     host_after = host_probe()
+    # after every timed step (a CUDA profile can leave CUPTI attached to the process, which slows every later
+    # launch: see probe) and before the FLOP count (after which torch < 2.13 runs a compiled model eager for good)
+    step_profile = (profile_one_step(lambda: (real_step(), sync(device)), on_gpu, args.profile_step)
+                    if args.profile_step else None)
 
     # model FLOPs of one real step (teacher forwards + student forward/backward + method), counted by torch, last,
     # and with the method eager: dynamo skips a compiled function called under a dispatch mode such as
@@ -528,10 +532,9 @@ def main() -> None:
               "compiled or captured regions | CUDA graph launches | eager _AnchorLoss nodes |")
         print("| --- | --- | --- | --- |")
         print("\n".join(probes))
-    if args.profile_step:
-        # last: a CUDA profile can leave CUPTI attached to the process, which slows every later launch (see probe)
+    if step_profile:
         print()
-        print(profile_one_step(lambda: (real_step(), sync(device)), on_gpu, args.profile_step))
+        print(step_profile)
 
 
 if __name__ == "__main__":
