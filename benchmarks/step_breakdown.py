@@ -198,7 +198,7 @@ def main() -> None:
                              "model replayed as CUDA graphs on a GPU): the student's and the teacher's forward")
     parser.add_argument("--no-fused-optimizer", action="store_true", help="optim.fused=false (the foreach kernels)")
     parser.add_argument("--profile-step", type=int, nargs="?", const=25, default=0, metavar="ROWS",
-                        help="after everything is timed, profile one real step and print its top ROWS ops and kernels "
+                        help="after the timed steps, profile one real step and print its top ROWS ops and kernels "
                              "by self GPU time (CPU time on a CPU), and how busy the GPU was during the step")
     args = parser.parse_args()
 

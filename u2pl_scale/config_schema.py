@@ -221,10 +221,10 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-# torch.compile's modes, and "cuda-graph": the eager method captured by hand as CUDA graphs (engine/graphed.py)
-COMPILE_METHOD_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graph")
-
+# torch.compile's modes (the model's); the method's also "cuda-graph": the eager method captured by hand as CUDA
+# graphs (engine/graphed.py)
 MODEL_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_METHOD_MODES = (*MODEL_COMPILE_MODES, "cuda-graph")
 
 _CHOICES = {
     "train.compile_mode": MODEL_COMPILE_MODES,
